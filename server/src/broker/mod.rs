@@ -1,0 +1,143 @@
+//! The broker: assigns offsets, keeps each channel's recent history, and fans messages out to
+//! the connections subscribed to them.
+//!
+//! `Broker` is the seam between the WebSocket side and the storage behind it. Everything in it
+//! is asynchronous and fallible, so an implementation backed by Redis (streams for history,
+//! pub/sub for fan-out between hosts) fits behind the same calls as the in-memory one.
+
+mod memory;
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, Notify};
+
+use app::protocol::{MessageKind, Position, Recovery};
+
+pub use memory::MemoryBroker;
+
+/// A serialized envelope, shared by every connection it goes to.
+pub type Frame = Utf8Bytes;
+
+/// Identifies one WebSocket connection within this host.
+pub type ConnId = u64;
+
+/// A message before the broker gives it an id, offset and time.
+#[derive(Clone, Debug)]
+pub struct Draft {
+    pub kind: MessageKind,
+    pub topic: String,
+    pub data: serde_json::Value,
+    pub run_id: Option<String>,
+    pub stream_id: Option<String>,
+}
+
+/// One message on its way to one connection.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub offset: u64,
+    pub topic: Arc<str>,
+    pub frame: Frame,
+}
+
+/// A connection as the broker sees it: which topics it wants, where to put its messages, and
+/// how to tell it to close.
+pub struct Subscriber {
+    pub conn: ConnId,
+    pub topics: Vec<String>,
+    pub queue: mpsc::Sender<Delivery>,
+    pub signal: Arc<CloseSignal>,
+}
+
+/// What `attach` hands back: where the channel stands, what the client missed, and how
+/// complete that replay is.
+#[derive(Debug)]
+pub struct Attached {
+    pub head: Position,
+    pub replay: Vec<Delivery>,
+    pub recovery: Option<Recovery>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("message data is {size} bytes; the limit is {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub trait Broker: Send + Sync + 'static {
+    /// Stores and delivers one message, or refuses it before anyone sees it.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        draft: Draft,
+    ) -> BoxFuture<'a, Result<Position, PublishError>>;
+
+    /// Registers `subscriber` for live messages on `channel`, and returns what it missed since
+    /// `resume`. Live messages may overlap the replay; the caller drops offsets it has sent.
+    fn attach<'a>(
+        &'a self,
+        channel: &'a str,
+        subscriber: Subscriber,
+        resume: Option<Position>,
+    ) -> BoxFuture<'a, Result<Attached, BrokerError>>;
+
+    /// Changes which topics an attached connection receives.
+    fn set_topics<'a>(
+        &'a self,
+        channel: &'a str,
+        conn: ConnId,
+        topics: Vec<String>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Forgets a connection. Never fails: a closed connection has nothing left to lose.
+    fn detach(&self, channel: &str, conn: ConnId);
+
+    /// Drops history older than the configured age; called periodically.
+    fn expire_history(&self);
+}
+
+/// Tells a connection task to close, from anywhere: the broker (slow consumer), sign-out,
+/// shutdown. The first reason given wins.
+#[derive(Default)]
+pub struct CloseSignal {
+    reason: Mutex<Option<(u16, String)>>,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    pub fn close(&self, code: u16, reason: impl Into<String>) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some((code, reason.into()));
+        }
+        drop(slot);
+        self.notify.notify_waiters();
+    }
+
+    pub fn get(&self) -> Option<(u16, String)> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Resolves once `close` has been called.
+    pub async fn wait(&self) -> (u16, String) {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(reason) = self.get() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+}

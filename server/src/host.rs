@@ -1,0 +1,286 @@
+//! The axum host: the page and its server functions, sessions, the broker's WebSocket
+//! endpoint, and the background tasks that keep them tidy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{FromRef, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use leptos::prelude::*;
+use leptos_axum::{generate_route_list, LeptosRoutes};
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Expiry, MemoryStore, SessionManagerLayer};
+
+use app::api::ssr::{RealtimeHost, ServerContext};
+use app::protocol::{close, WS_PATH};
+use app::token::TokenKeys;
+use app::{shell, App};
+
+use crate::broker::{Broker, MemoryBroker};
+use crate::config::{Config, ConfigError};
+use crate::connections::Connections;
+use crate::publisher::{AiPublisher, SampleAnswers};
+
+/// Everything the broker side shares: one per host.
+pub struct Realtime {
+    pub config: Config,
+    pub tokens: Arc<TokenKeys>,
+    pub broker: Arc<dyn Broker>,
+    pub connections: Arc<Connections>,
+    pub publisher: AiPublisher,
+}
+
+impl RealtimeHost for Realtime {
+    fn session_seen(&self, binding: &str, expires_at: SystemTime) {
+        self.connections.session_seen(binding, expires_at);
+    }
+
+    fn session_ended(&self, binding: &str) {
+        let closed = self.connections.end_session(binding, "signed out");
+        tracing::info!(closed, "session ended");
+    }
+
+    fn start_answer(&self, channel: String, prompt: String) -> Result<String, String> {
+        self.publisher.start(channel, prompt)
+    }
+}
+
+#[derive(Clone, FromRef)]
+pub struct AppState {
+    pub leptos_options: LeptosOptions,
+    pub realtime: Arc<Realtime>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("token keys: {0}")]
+    Token(#[from] app::token::TokenError),
+}
+
+impl Realtime {
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let secret = config.load_secret()?;
+        let tokens = TokenKeys::new(&secret, config.token_ttl)?.with_topics(config.topics.clone());
+        let l = &config.limits;
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(
+            l.max_publish_bytes,
+            l.history_max_messages,
+            l.history_max_age,
+        ));
+        let source = SampleAnswers {
+            words: config.ai_answer_words,
+            delay: config.ai_chunk_delay,
+        };
+        let publisher = AiPublisher::new(broker.clone(), Arc::new(source), l.max_answers_per_user);
+        let connections = Arc::new(Connections::new(l.max_conns_per_user, config.token_ttl));
+        Ok(Arc::new(Self {
+            tokens: Arc::new(tokens),
+            broker,
+            connections,
+            publisher,
+            config,
+        }))
+    }
+
+    /// Ends expired sessions and ages out history, until the host stops.
+    pub fn spawn_housekeeping(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let rt = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let mut n = 0u64;
+            loop {
+                tick.tick().await;
+                let Some(rt) = rt.upgrade() else { return };
+                rt.connections.sweep(SystemTime::now());
+                n += 1;
+                if n % 4 == 0 {
+                    rt.broker.expire_history();
+                }
+            }
+        })
+    }
+
+    /// Tells every client the host is restarting, then waits (briefly) for them to go.
+    pub async fn shut_down(&self) {
+        let n = self
+            .connections
+            .shut_down(close::SERVICE_RESTART, "server restarting");
+        tracing::info!(connections = n, "shutting down");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !self.connections.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The whole host as one router.
+pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router {
+    let routes = generate_route_list(App);
+    let context = ServerContext {
+        tokens: realtime.tokens.clone(),
+        host: realtime.clone(),
+    };
+    let sessions = SessionManagerLayer::new(MemoryStore::default())
+        .with_name("lr_session")
+        .with_http_only(true)
+        .with_same_site(SameSite::Lax)
+        .with_secure(realtime.config.secure_cookies)
+        .with_expiry(Expiry::OnInactivity(
+            tower_sessions::cookie::time::Duration::seconds(
+                realtime.config.session_ttl.as_secs() as i64
+            ),
+        ));
+    let state = AppState {
+        leptos_options: leptos_options.clone(),
+        realtime,
+    };
+    Router::new()
+        .route(WS_PATH, get(upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .leptos_routes_with_context(
+            &state,
+            routes,
+            move || provide_context(context.clone()),
+            move || shell(leptos_options.clone()),
+        )
+        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .layer(sessions)
+        .with_state(state)
+}
+
+async fn upgrade(
+    State(rt): State<Arc<Realtime>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Err(why) = check_origin(&headers, &rt.config.allowed_origins) {
+        tracing::warn!(%why, "websocket upgrade refused");
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
+    if rt.connections.is_shutting_down() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "server restarting").into_response();
+    }
+    let frame_limit = rt.config.limits.max_frame_bytes;
+    // Frames a little over the limit still arrive whole, so they can be refused with 1009 and a
+    // reason; far larger ones are cut off by the WebSocket layer itself.
+    let hard_limit = (frame_limit * 4).max(64 * 1024);
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| crate::connection::serve(socket, rt))
+}
+
+/// Allows browsers only from the configured origins or, when none are configured, from the
+/// site itself (the Origin's host equals the Host the request was sent to). Clients that send
+/// no Origin are not browsers and cannot be hijacked cross-site, so they pass.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin
+        .to_str()
+        .map_err(|_| "unreadable Origin header".to_owned())?;
+    let ok = if allowed.is_empty() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        origin_authority(origin).is_some_and(|a| a.eq_ignore_ascii_case(host))
+    } else {
+        allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "origin {origin} is not allowed to open a realtime connection"
+        ))
+    }
+}
+
+fn origin_authority(origin: &str) -> Option<&str> {
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+}
+
+/// Binds `addr` and serves until Ctrl-C or SIGTERM, then closes clients with a restart code.
+pub async fn serve(
+    addr: SocketAddr,
+    leptos_options: LeptosOptions,
+    rt: Arc<Realtime>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    let _housekeeping = rt.spawn_housekeeping();
+    let app = router(leptos_options, rt.clone());
+    let stopping = rt.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.shut_down().await;
+        })
+        .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn same_origin_passes_and_cross_site_is_refused() {
+        assert!(check_origin(
+            &headers(Some("http://127.0.0.1:3000"), "127.0.0.1:3000"),
+            &[]
+        )
+        .is_ok());
+        assert!(check_origin(
+            &headers(Some("https://evil.example"), "127.0.0.1:3000"),
+            &[]
+        )
+        .is_err());
+        assert!(check_origin(&headers(None, "127.0.0.1:3000"), &[]).is_ok());
+        let list = vec!["https://app.example".to_owned()];
+        assert!(check_origin(&headers(Some("https://app.example"), "internal:80"), &list).is_ok());
+        assert!(check_origin(
+            &headers(Some("http://127.0.0.1:3000"), "127.0.0.1:3000"),
+            &list
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,197 @@
+//! A real host on 127.0.0.1:0 and a WebSocket client that speaks the protocol, for tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use leptos::prelude::LeptosOptions;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use app::protocol::{ClientCommand, Envelope, MessageKind, Position, ServerFrame, ServerReply};
+use server::broker::Draft;
+use server::config::Config;
+use server::host::{router, Realtime};
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestHost {
+    pub addr: SocketAddr,
+    pub rt: Arc<Realtime>,
+    server: tokio::task::JoinHandle<()>,
+    _housekeeping: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.token_secret = Some(b"integration-test-secret-0123456789abcdef".to_vec());
+    config.data_dir = std::env::temp_dir();
+    config.ai_chunk_delay = Duration::from_millis(2);
+    config
+}
+
+impl TestHost {
+    pub async fn start() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        tweak(&mut config);
+        let rt = Realtime::new(config).expect("host starts");
+        let options = LeptosOptions::builder().output_name("leptos-realtime").build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(options, rt.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        let housekeeping = rt.spawn_housekeeping();
+        Self { addr, rt, server, _housekeeping: housekeeping }
+    }
+
+    /// A token for `user` in session `binding`, minted the way the server function does.
+    pub fn token(&self, user: &str, binding: &str) -> String {
+        self.rt.tokens.mint(user, binding, &["ai".to_owned()]).unwrap().0
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}{}", self.addr, app::protocol::WS_PATH)
+    }
+
+    pub async fn connect(&self) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url()).await.expect("upgrade");
+        Client { ws, next_id: 1 }
+    }
+
+    /// Connects with a browser-style `Origin` header.
+    pub async fn connect_from(
+        &self,
+        origin: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut req = self.ws_url().into_client_request().unwrap();
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.map(|(ws, _)| Client { ws, next_id: 1 })
+    }
+
+    pub async fn publish(&self, user: &str, n: u64) -> Position {
+        let draft = Draft {
+            kind: MessageKind::Data,
+            topic: "ai".into(),
+            data: serde_json::json!({ "n": n }),
+            run_id: None,
+            stream_id: None,
+        };
+        self.rt.broker.publish(&format!("user:{user}"), draft).await.expect("publish")
+    }
+}
+
+/// What a client saw next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    Message(Envelope),
+    Reply(ServerReply),
+    Closed(u16, String),
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub async fn send(&mut self, cmd: &ClientCommand) {
+        let text = serde_json::to_string(cmd).unwrap();
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.unwrap();
+    }
+
+    /// The next frame, skipping pings; fails the test after `WAIT`.
+    pub async fn next(&mut self) -> Seen {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within the wait")
+                .map(|r| r.map_err(|e| e.to_string()));
+            match msg {
+                Some(Ok(Message::Text(text))) => {
+                    return match ServerFrame::parse(&text).expect("server frames parse") {
+                        ServerFrame::Message(m) => Seen::Message(m),
+                        ServerFrame::Reply(r) => Seen::Reply(r),
+                    };
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((u16::from(CloseCode::Status), String::new()));
+                    return Seen::Closed(code, reason);
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Seen::Closed(0, e),
+                None => return Seen::Closed(0, "stream ended".into()),
+            }
+        }
+    }
+
+    pub async fn auth(&mut self, token: &str, resume: Option<Position>) -> Seen {
+        let id = self.next_id();
+        self.send(&ClientCommand::Auth { id, token: token.into(), topics: None, resume }).await;
+        self.next().await
+    }
+
+    /// Authenticates and returns the `subscribed` reply, failing on anything else.
+    pub async fn subscribe(&mut self, token: &str, resume: Option<Position>) -> ServerReply {
+        match self.auth(token, resume).await {
+            Seen::Reply(r @ ServerReply::Subscribed { .. }) => r,
+            other => panic!("expected subscribed, got {other:?}"),
+        }
+    }
+
+    pub async fn message(&mut self) -> Envelope {
+        match self.next().await {
+            Seen::Message(m) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Reads until the close frame, skipping the `closing` notice, and returns its code.
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            match self.next().await {
+                Seen::Closed(code, reason) => return (code, reason),
+                Seen::Reply(ServerReply::Closing { .. }) | Seen::Message(_) => continue,
+                other => panic!("expected close, got {other:?}"),
+            }
+        }
+    }
+
+    /// Whether nothing but pings arrives for `quiet`.
+    pub async fn stays_quiet(&mut self, quiet: Duration) -> bool {
+        loop {
+            match tokio::time::timeout(quiet, self.ws.next()).await {
+                Err(_) => return true,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(_) => return false,
+            }
+        }
+    }
+}
