@@ -54,7 +54,9 @@ pub struct Registration {
 
 impl std::fmt::Debug for Registration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registration").field("conn", &self.conn).finish()
+        f.debug_struct("Registration")
+            .field("conn", &self.conn)
+            .finish()
     }
 }
 

@@ -211,7 +211,7 @@ fn origin_authority(origin: &str) -> Option<&str> {
         .or_else(|| origin.strip_prefix("https://"))
 }
 
-/// Binds `addr` and serves until Ctrl-C or SIGTERM, then closes clients with a restart code.
+/// Binds `addr` and serves until Ctrl-C or SIGTERM.
 pub async fn serve(
     addr: SocketAddr,
     leptos_options: LeptosOptions,
@@ -219,15 +219,28 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
-    let _housekeeping = rt.spawn_housekeeping();
+    serve_until(listener, leptos_options, rt, shutdown_signal()).await
+}
+
+/// Serves on `listener` until `stop` resolves, then stops accepting and closes every client
+/// with the restart code, so their hooks reconnect and resume elsewhere or after the restart.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    leptos_options: LeptosOptions,
+    rt: Arc<Realtime>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let housekeeping = rt.spawn_housekeeping();
     let app = router(leptos_options, rt.clone());
     let stopping = rt.clone();
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            stop.await;
             stopping.shut_down().await;
         })
-        .await
+        .await;
+    housekeeping.abort();
+    served
 }
 
 async fn shutdown_signal() {

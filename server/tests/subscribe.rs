@@ -12,7 +12,12 @@ async fn subscriber_receives_what_is_published_to_its_channel() {
     let host = TestHost::start().await;
     let mut alice = host.connect().await;
     let reply = alice.subscribe(&host.token("alice", "s-a"), None).await;
-    let ServerReply::Subscribed { channel, topics, .. } = reply else { unreachable!() };
+    let ServerReply::Subscribed {
+        channel, topics, ..
+    } = reply
+    else {
+        unreachable!()
+    };
     assert_eq!(channel, "user:alice");
     assert_eq!(topics, vec!["ai".to_string()]);
 
@@ -41,8 +46,14 @@ async fn users_never_see_each_others_messages() {
     host.publish("bob", 2).await;
     assert_eq!(alice.message().await.data["n"], 1);
     assert_eq!(bob.message().await.data["n"], 2);
-    assert!(alice.stays_quiet(Duration::from_millis(300)).await, "alice got bob's message");
-    assert!(bob.stays_quiet(Duration::from_millis(300)).await, "bob got alice's message");
+    assert!(
+        alice.stays_quiet(Duration::from_millis(300)).await,
+        "alice got bob's message"
+    );
+    assert!(
+        bob.stays_quiet(Duration::from_millis(300)).await,
+        "bob got alice's message"
+    );
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use app::protocol::{ClientCommand, Envelope, MessageKind, Position, ServerFrame, ServerReply};
 use server::broker::Draft;
 use server::config::Config;
-use server::host::{router, Realtime};
+use server::host::{serve_until, Realtime};
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
@@ -24,7 +24,7 @@ pub struct TestHost {
     pub addr: SocketAddr,
     pub rt: Arc<Realtime>,
     server: tokio::task::JoinHandle<()>,
-    _housekeeping: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for TestHost {
@@ -50,20 +50,41 @@ impl TestHost {
         let mut config = test_config();
         tweak(&mut config);
         let rt = Realtime::new(config).expect("host starts");
-        let options = LeptosOptions::builder().output_name("leptos-realtime").build();
+        let options = LeptosOptions::builder()
+            .output_name("leptos-realtime")
+            .build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = router(options, rt.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = rt.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
+            let stop = async move {
+                let _ = stopped.await;
+            };
+            serve_until(listener, options, served, stop).await.unwrap();
         });
-        let housekeeping = rt.spawn_housekeeping();
-        Self { addr, rt, server, _housekeeping: housekeeping }
+        Self {
+            addr,
+            rt,
+            server,
+            stop: Some(stop),
+        }
+    }
+
+    /// What Ctrl-C or SIGTERM does to the real host.
+    pub async fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 
     /// A token for `user` in session `binding`, minted the way the server function does.
     pub fn token(&self, user: &str, binding: &str) -> String {
-        self.rt.tokens.mint(user, binding, &["ai".to_owned()]).unwrap().0
+        self.rt
+            .tokens
+            .mint(user, binding, &["ai".to_owned()])
+            .unwrap()
+            .0
     }
 
     pub fn ws_url(&self) -> String {
@@ -71,7 +92,9 @@ impl TestHost {
     }
 
     pub async fn connect(&self) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url()).await.expect("upgrade");
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url())
+            .await
+            .expect("upgrade");
         Client { ws, next_id: 1 }
     }
 
@@ -82,18 +105,37 @@ impl TestHost {
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let mut req = self.ws_url().into_client_request().unwrap();
         req.headers_mut().insert("origin", origin.parse().unwrap());
-        tokio_tungstenite::connect_async(req).await.map(|(ws, _)| Client { ws, next_id: 1 })
+        tokio_tungstenite::connect_async(req)
+            .await
+            .map(|(ws, _)| Client { ws, next_id: 1 })
     }
 
     pub async fn publish(&self, user: &str, n: u64) -> Position {
+        self.publish_to(user, "ai", serde_json::json!({ "n": n }))
+            .await
+            .expect("publish")
+    }
+
+    pub async fn publish_to(
+        &self,
+        user: &str,
+        topic: &str,
+        data: serde_json::Value,
+    ) -> Result<Position, server::broker::PublishError> {
         let draft = Draft {
             kind: MessageKind::Data,
-            topic: "ai".into(),
-            data: serde_json::json!({ "n": n }),
+            topic: topic.into(),
+            data,
             run_id: None,
             stream_id: None,
         };
-        self.rt.broker.publish(&format!("user:{user}"), draft).await.expect("publish")
+        self.rt.broker.publish(&format!("user:{user}"), draft).await
+    }
+
+    /// A token for `topics`, which the host's topic catalogue must know.
+    pub fn token_for(&self, user: &str, binding: &str, topics: &[&str]) -> String {
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        self.rt.tokens.mint(user, binding, &topics).unwrap().0
     }
 }
 
@@ -154,7 +196,13 @@ impl Client {
 
     pub async fn auth(&mut self, token: &str, resume: Option<Position>) -> Seen {
         let id = self.next_id();
-        self.send(&ClientCommand::Auth { id, token: token.into(), topics: None, resume }).await;
+        self.send(&ClientCommand::Auth {
+            id,
+            token: token.into(),
+            topics: None,
+            resume,
+        })
+        .await;
         self.next().await
     }
 
