@@ -27,6 +27,20 @@ pub struct Claims {
     pub jti: String,
 }
 
+/// Claims of a token that lets a backend publish to any channel through the host's HTTP
+/// publish endpoint. It cannot subscribe: it lacks every subscription claim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublisherClaims {
+    pub sub: String,
+    /// Always `publish`.
+    pub scope: String,
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+}
+
+const PUBLISH_SCOPE: &str = "publish";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error("unknown topic `{0}`")]
@@ -149,6 +163,33 @@ impl TokenKeys {
         }
         self.check_topics(&claims.topics)
             .map_err(|_| TokenError::Invalid("unknown topic"))?;
+        Ok(claims)
+    }
+
+    /// Mints a publisher token named `name` that lives `ttl`.
+    pub fn mint_publisher(&self, name: &str, ttl: Duration) -> Result<String, TokenError> {
+        let iat = unix_now();
+        let claims = PublisherClaims {
+            sub: name.to_owned(),
+            scope: PUBLISH_SCOPE.to_owned(),
+            iat,
+            exp: iat + ttl.as_secs().max(1),
+            jti: random_hex(16),
+        };
+        encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|_| TokenError::Invalid("could not sign"))
+    }
+
+    pub fn verify_publisher(&self, token: &str) -> Result<PublisherClaims, TokenError> {
+        let claims = decode::<PublisherClaims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid("not a publisher token"),
+            })?
+            .claims;
+        if claims.scope != PUBLISH_SCOPE {
+            return Err(TokenError::Invalid("not a publisher token"));
+        }
         Ok(claims)
     }
 
@@ -315,6 +356,18 @@ mod tests {
             claims.allows("user:u1", "billing").unwrap_err(),
             TokenError::TopicNotGranted("billing".into())
         );
+    }
+
+    #[test]
+    fn publisher_and_subscription_tokens_do_not_stand_in_for_each_other() {
+        let keys = keys();
+        let publisher = keys
+            .mint_publisher("loadgen", Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(keys.verify_publisher(&publisher).unwrap().sub, "loadgen");
+        assert!(keys.verify(&publisher).is_err());
+        let (subscriber, _) = keys.mint("u1", "b", &ai()).unwrap();
+        assert!(keys.verify_publisher(&subscriber).is_err());
     }
 
     #[test]

@@ -142,6 +142,10 @@ pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router 
     };
     Router::new()
         .route(WS_PATH, get(upgrade))
+        .route(
+            crate::publish_api::PUBLISH_PATH,
+            axum::routing::post(crate::publish_api::publish),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .leptos_routes_with_context(
             &state,

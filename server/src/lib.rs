@@ -6,4 +6,5 @@ pub mod config;
 pub mod connection;
 pub mod connections;
 pub mod host;
+pub mod publish_api;
 pub mod publisher;

@@ -146,3 +146,47 @@ async fn an_oversize_publish_is_refused_before_anyone_sees_it() {
     assert_eq!(next.offset, 1, "the refused publish took an offset");
     assert_eq!(c.message().await.offset, 1);
 }
+
+#[tokio::test]
+async fn backends_publish_over_http_and_a_bad_batch_delivers_nothing() {
+    let host = TestHost::start().await;
+    let mut c = host.connect().await;
+    c.subscribe(&host.token("alice", "s-a"), None).await;
+    let publisher = host
+        .rt
+        .tokens
+        .mint_publisher("test", Duration::from_secs(60))
+        .unwrap();
+    let path = server::publish_api::PUBLISH_PATH;
+
+    let one = r#"{"channel":"user:alice","topic":"ai","data":{"n":1}}"#;
+    let (status, body) = host.post_json(path, Some(&publisher), one).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(c.message().await.data["n"], 1);
+
+    let big = "x".repeat(600 * 1024);
+    let batch = format!(
+        r#"[{{"channel":"user:alice","topic":"ai","data":{{"n":2}}}},
+            {{"channel":"user:alice","topic":"ai","data":"{big}"}}]"#
+    );
+    let (status, body) = host.post_json(path, Some(&publisher), &batch).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body.contains("message 1") && body.contains("limit is 524288"),
+        "{body}"
+    );
+    assert!(
+        c.stays_quiet(Duration::from_millis(200)).await,
+        "part of a refused batch arrived"
+    );
+
+    let (status, _) = host.post_json(path, None, one).await;
+    assert_eq!(status, 401);
+    let subscriber_token = host.token("alice", "s-a");
+    let (status, _) = host.post_json(path, Some(&subscriber_token), one).await;
+    assert_eq!(status, 401, "a subscription token must not publish");
+    let unknown = r#"{"channel":"user:alice","topic":"billing","data":1}"#;
+    let (status, body) = host.post_json(path, Some(&publisher), unknown).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("unknown topic"), "{body}");
+}

@@ -132,6 +132,30 @@ impl TestHost {
         self.rt.broker.publish(&format!("user:{user}"), draft).await
     }
 
+    /// POSTs JSON over a fresh HTTP/1.1 connection; returns the status and body.
+    pub async fn post_json(&self, path: &str, bearer: Option<&str>, body: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
+        let auth = bearer
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n{auth}\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     /// A token for `topics`, which the host's topic catalogue must know.
     pub fn token_for(&self, user: &str, binding: &str, topics: &[&str]) -> String {
         let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();

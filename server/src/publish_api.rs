@@ -1,0 +1,132 @@
+//! `POST /realtime/publish`: how a backend (or the load generator) publishes through the
+//! host. It takes one message or an array of them, and refuses the whole request before
+//! delivering anything when any message breaks a limit.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use app::protocol::{MessageKind, Position};
+
+use crate::broker::{Draft, PublishError};
+use crate::host::Realtime;
+
+pub const PUBLISH_PATH: &str = "/realtime/publish";
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct PublishRequest {
+    pub channel: String,
+    pub topic: String,
+    #[serde(default = "data_kind")]
+    pub kind: MessageKind,
+    pub data: serde_json::Value,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub stream_id: Option<String>,
+}
+
+fn data_kind() -> MessageKind {
+    MessageKind::Data
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PublishBody {
+    One(PublishRequest),
+    Many(Vec<PublishRequest>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Published {
+    pub positions: Vec<Position>,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// Most messages one request may carry.
+const MAX_BATCH: usize = 1000;
+
+pub async fn publish(
+    State(rt): State<Arc<Realtime>>,
+    headers: HeaderMap,
+    body: Result<Json<PublishBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Published>, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "missing bearer token".into()))?;
+    let publisher = rt.tokens.verify_publisher(token).map_err(|e| {
+        tracing::warn!(error = %e, "publish refused");
+        ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+    })?;
+    let Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let requests = match body {
+        PublishBody::One(r) => vec![r],
+        PublishBody::Many(rs) => rs,
+    };
+    check(&rt, &requests)?;
+    let mut positions = Vec::with_capacity(requests.len());
+    for r in requests {
+        let draft = Draft {
+            kind: r.kind,
+            topic: r.topic,
+            data: r.data,
+            run_id: r.run_id,
+            stream_id: r.stream_id,
+        };
+        let position = rt
+            .broker
+            .publish(&r.channel, draft)
+            .await
+            .map_err(|e| match e {
+                PublishError::TooLarge { .. } => {
+                    ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+                }
+                PublishError::Unavailable(_) => {
+                    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                }
+            })?;
+        positions.push(position);
+    }
+    tracing::debug!(publisher = %publisher.sub, count = positions.len(), "published");
+    Ok(Json(Published { positions }))
+}
+
+/// Every check that can refuse a message, run on all of them before any is published.
+fn check(rt: &Realtime, requests: &[PublishRequest]) -> Result<(), ApiError> {
+    if requests.is_empty() || requests.len() > MAX_BATCH {
+        let msg = format!("send between 1 and {MAX_BATCH} messages per request");
+        return Err(ApiError(StatusCode::BAD_REQUEST, msg));
+    }
+    let limit = rt.config.limits.max_publish_bytes;
+    for (i, r) in requests.iter().enumerate() {
+        if !r.channel.starts_with("user:") || r.channel.len() <= "user:".len() {
+            let msg = format!("message {i}: channel must be `user:<id>`");
+            return Err(ApiError(StatusCode::BAD_REQUEST, msg));
+        }
+        if !rt.config.topics.contains(&r.topic) {
+            let msg = format!("message {i}: unknown topic `{}`", r.topic);
+            return Err(ApiError(StatusCode::BAD_REQUEST, msg));
+        }
+        let size = serde_json::to_vec(&r.data)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > limit {
+            let msg = format!("message {i}: data is {size} bytes; the limit is {limit} bytes");
+            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg));
+        }
+    }
+    Ok(())
+}
