@@ -283,7 +283,8 @@ impl Connection {
         let text = match msg {
             Message::Text(text) => text,
             Message::Binary(_) => return Err(binary_refused()),
-            Message::Close(_) => return Err(Closing::new(close::NORMAL, "closed by client")),
+            // tungstenite answers the close handshake itself.
+            Message::Close(_) => return Ok(()),
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
         };
         self.check_frame_size(text.len())?;
