@@ -284,6 +284,20 @@ pub fn load_or_create_secret(dir: &Path) -> Result<Vec<u8>, ConfigError> {
     }
 }
 
+/// Replaces `path` with `bytes` through a temporary file, readable by the owner only.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,13 +2,16 @@
 //! Sign-out, session expiry and shutdown close sockets through here.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use app::protocol::close;
 
 use crate::broker::{CloseSignal, ConnId};
+
+const ENDED_FILE: &str = "ended-sessions.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
@@ -44,6 +47,8 @@ pub struct Connections {
     max_per_user: usize,
     /// How long an ended session is remembered: the longest a token lives.
     token_ttl: Duration,
+    /// Where ended sessions are kept, so a restart does not forget them.
+    ended_file: Option<PathBuf>,
 }
 
 /// Unregisters its connection when dropped.
@@ -74,6 +79,43 @@ impl Connections {
             shutting_down: AtomicBool::new(false),
             max_per_user,
             token_ttl,
+            ended_file: None,
+        }
+    }
+
+    /// Like `new`, remembering ended sessions in `dir` across restarts.
+    pub fn open(max_per_user: usize, token_ttl: Duration, dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(ENDED_FILE);
+        let mut registry = Self::new(max_per_user, token_ttl);
+        if let Ok(bytes) = std::fs::read(&path) {
+            let saved: HashMap<String, u64> = serde_json::from_slice(&bytes).unwrap_or_default();
+            let ended = saved
+                .into_iter()
+                .map(|(b, secs)| (b, UNIX_EPOCH + Duration::from_secs(secs)));
+            registry.lock().ended.extend(ended);
+        }
+        registry.ended_file = Some(path);
+        Ok(registry)
+    }
+
+    fn save_ended(&self, inner: &Inner) {
+        let Some(path) = &self.ended_file else { return };
+        let saved: HashMap<&str, u64> = inner
+            .ended
+            .iter()
+            .map(|(b, t)| {
+                (
+                    b.as_str(),
+                    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                )
+            })
+            .collect();
+        let write = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::config::write_private(path, &bytes));
+        if let Err(e) = write {
+            tracing::warn!(error = %e, "could not save ended sessions");
         }
     }
 
@@ -159,6 +201,7 @@ impl Connections {
         inner
             .ended
             .insert(binding.to_owned(), SystemTime::now() + self.token_ttl);
+        self.save_ended(&inner);
         let conns: Vec<ConnId> = inner
             .per_binding
             .get(binding)
@@ -176,7 +219,11 @@ impl Connections {
     pub fn sweep(&self, now: SystemTime) {
         let expired: Vec<String> = {
             let mut inner = self.lock();
+            let before = inner.ended.len();
             inner.ended.retain(|_, until| *until > now);
+            if inner.ended.len() != before {
+                self.save_ended(&inner);
+            }
             inner
                 .expiry
                 .iter()
@@ -243,6 +290,17 @@ mod tests {
         assert!(other.get().is_none());
         let again = reg.register(3, "u1", "s1", Arc::new(CloseSignal::default()));
         assert_eq!(again.unwrap_err(), RegisterError::SessionEnded);
+    }
+
+    #[test]
+    fn ended_sessions_are_remembered_across_a_restart() {
+        let dir = std::env::temp_dir().join(format!("lr-ended-{}", app::token::random_hex(6)));
+        let reg = Connections::open(8, Duration::from_secs(60), &dir).unwrap();
+        reg.end_session("s1", "signed out");
+        let reopened = Arc::new(Connections::open(8, Duration::from_secs(60), &dir).unwrap());
+        assert!(reopened.session_ended_already("s1"));
+        assert!(!reopened.session_ended_already("s2"));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

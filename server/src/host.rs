@@ -13,7 +13,7 @@ use axum::Router;
 use leptos::prelude::*;
 use leptos_axum::{generate_route_list, LeptosRoutes};
 use tower_sessions::cookie::SameSite;
-use tower_sessions::{Expiry, MemoryStore, SessionManagerLayer};
+use tower_sessions::{Expiry, SessionManagerLayer};
 
 use app::api::ssr::{RealtimeHost, ServerContext};
 use app::protocol::{close, WS_PATH};
@@ -24,6 +24,7 @@ use crate::broker::{Broker, MemoryBroker};
 use crate::config::{Config, ConfigError};
 use crate::connections::Connections;
 use crate::publisher::{AiPublisher, SampleAnswers};
+use crate::session_store::FileSessionStore;
 
 /// Everything the broker side shares: one per host.
 pub struct Realtime {
@@ -32,6 +33,7 @@ pub struct Realtime {
     pub broker: Arc<dyn Broker>,
     pub connections: Arc<Connections>,
     pub publisher: AiPublisher,
+    pub sessions: FileSessionStore,
 }
 
 impl RealtimeHost for Realtime {
@@ -61,6 +63,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("token keys: {0}")]
     Token(#[from] app::token::TokenError),
+    #[error("data directory: {0}")]
+    DataDir(#[from] std::io::Error),
 }
 
 impl Realtime {
@@ -78,20 +82,29 @@ impl Realtime {
             delay: config.ai_chunk_delay,
         };
         let publisher = AiPublisher::new(broker.clone(), Arc::new(source), l.max_answers_per_user);
-        let connections = Arc::new(Connections::new(l.max_conns_per_user, config.token_ttl));
+        let connections = Arc::new(Connections::open(
+            l.max_conns_per_user,
+            config.token_ttl,
+            &config.data_dir,
+        )?);
+        let sessions = FileSessionStore::open(&config.data_dir)?;
+        let tokens = Arc::new(tokens);
         Ok(Arc::new(Self {
-            tokens: Arc::new(tokens),
+            tokens,
             broker,
             connections,
             publisher,
+            sessions,
             config,
         }))
     }
 
-    /// Ends expired sessions and ages out history, until the host stops.
+    /// Ends expired sessions, ages out history and saves sessions, until the host stops.
     pub fn spawn_housekeeping(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let rt = Arc::downgrade(self);
+        let flusher = self.sessions.spawn_flusher();
         tokio::spawn(async move {
+            let _flusher = AbortOnDrop(flusher);
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut n = 0u64;
             loop {
@@ -116,6 +129,17 @@ impl Realtime {
         while !self.connections.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if let Err(e) = self.sessions.flush() {
+            tracing::warn!(error = %e, "could not write sessions file");
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -126,7 +150,7 @@ pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router 
         tokens: realtime.tokens.clone(),
         host: realtime.clone(),
     };
-    let sessions = SessionManagerLayer::new(MemoryStore::default())
+    let sessions = SessionManagerLayer::new(realtime.sessions.clone())
         .with_name("lr_session")
         .with_http_only(true)
         .with_same_site(SameSite::Lax)

@@ -8,3 +8,4 @@ pub mod connections;
 pub mod host;
 pub mod publish_api;
 pub mod publisher;
+pub mod session_store;

@@ -30,13 +30,15 @@ pub struct TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         self.server.abort();
+        let _ = std::fs::remove_dir_all(&self.rt.config.data_dir);
     }
 }
 
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.token_secret = Some(b"integration-test-secret-0123456789abcdef".to_vec());
-    config.data_dir = std::env::temp_dir();
+    // Each host gets a data directory of its own: sessions and ended sessions live there.
+    config.data_dir = std::env::temp_dir().join(format!("lr-test-{}", app::token::random_hex(8)));
     config.ai_chunk_delay = Duration::from_millis(2);
     config
 }
