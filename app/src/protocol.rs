@@ -99,8 +99,18 @@ pub enum ClientCommand {
     },
 }
 
-/// The parsed form of `ClientCommand` that borrows nothing, used only to report which command
-/// a bad frame tried to be.
+impl ClientCommand {
+    /// Parses one command frame. Only a JSON object is a command: serde would also take the
+    /// array form of a tagged enum, which this protocol does not have.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if !raw.trim_start().starts_with('{') {
+            return Err("a command is a JSON object".to_owned());
+        }
+        serde_json::from_str(raw).map_err(|e| e.to_string())
+    }
+}
+
+/// Reads just the `id` of a frame, to report which command a bad frame tried to be.
 pub fn command_id(raw: &str) -> Option<u64> {
     #[derive(Deserialize)]
     struct IdOnly {
@@ -281,5 +291,7 @@ mod tests {
         );
         assert!(serde_json::from_str::<ClientCommand>(r#"{"type":"nope","id":1}"#).is_err());
         assert_eq!(command_id(r#"{"type":"nope","id":9}"#), Some(9));
+        assert!(ClientCommand::parse(r#"["subscribe", 7, ["ai"]]"#).is_err());
+        assert!(ClientCommand::parse(r#" {"type":"subscribe","id":7,"topics":[]}"#).is_ok());
     }
 }

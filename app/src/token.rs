@@ -187,6 +187,9 @@ impl TokenKeys {
                 _ => TokenError::Invalid("not a publisher token"),
             })?
             .claims;
+        if claims.exp <= unix_now() {
+            return Err(TokenError::Expired);
+        }
         if claims.scope != PUBLISH_SCOPE {
             return Err(TokenError::Invalid("not a publisher token"));
         }

@@ -413,7 +413,7 @@ impl Connection {
 
     /// A command, or `None` after replying with an error for a frame that is not one.
     async fn parse(&mut self, text: &str) -> Flow<Option<ClientCommand>> {
-        match serde_json::from_str::<ClientCommand>(text) {
+        match ClientCommand::parse(text) {
             Ok(cmd) => Ok(Some(cmd)),
             Err(e) => {
                 tracing::warn!(conn = self.conn, error = %e, "bad command");

@@ -2,12 +2,15 @@
 //! host. It takes one message or an array of them, and refuses the whole request before
 //! delivering anything when any message breaks a limit.
 
+use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use app::protocol::{MessageKind, Position};
@@ -34,11 +37,41 @@ fn data_kind() -> MessageKind {
     MessageKind::Data
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum PublishBody {
     One(PublishRequest),
     Many(Vec<PublishRequest>),
+}
+
+/// Told apart by the first token, `{` or `[`. `#[serde(untagged)]` would copy the whole body
+/// into serde's intermediate tree and parse it again per variant: under load that cost as much
+/// as the broker's own work for the same messages.
+impl<'de> Deserialize<'de> for PublishBody {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OneOrMany;
+
+        impl<'de> Visitor<'de> for OneOrMany {
+            type Value = PublishBody;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a message object or an array of message objects")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PublishBody, A::Error> {
+                PublishRequest::deserialize(MapAccessDeserializer::new(map)).map(PublishBody::One)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PublishBody, A::Error> {
+                let mut all = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_BATCH));
+                while let Some(request) = seq.next_element()? {
+                    all.push(request);
+                }
+                Ok(PublishBody::Many(all))
+            }
+        }
+
+        deserializer.deserialize_any(OneOrMany)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
