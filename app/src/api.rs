@@ -116,6 +116,9 @@ pub mod ssr {
         fn session_seen(&self, binding: &str, expires_at: SystemTime);
         /// The session bound to `binding` ended: close its sockets and refuse its tokens.
         fn session_ended(&self, binding: &str);
+        /// Whether the session bound to `binding` has ended (signed out elsewhere, or expired
+        /// as the broker counts it), so the session must not be used again.
+        fn is_session_ended(&self, binding: &str) -> bool;
         /// Starts the ai answer job for `prompt` on `channel`; returns its run id.
         fn start_answer(&self, channel: String, prompt: String) -> Result<String, String>;
     }
@@ -146,19 +149,31 @@ pub mod ssr {
     }
 
     pub async fn session_user() -> Result<Option<SessionUser>, ApiError> {
-        let session = session().await?;
-        session
-            .get::<SessionUser>(USER_KEY)
-            .await
-            .map_err(|e| ApiError::Server(format!("session store: {e}")))
+        Ok(live_user(&session().await?).await?)
     }
 
-    async fn require_user() -> Result<(Session, SessionUser), ApiError> {
-        let session = session().await?;
+    /// The session's user, unless the broker has ended the session: then the session is
+    /// dropped here too, so it can mint no more tokens.
+    async fn live_user(session: &Session) -> Result<Option<SessionUser>, ApiError> {
         let user = session
             .get::<SessionUser>(USER_KEY)
             .await
             .map_err(|e| ApiError::Server(format!("session store: {e}")))?;
+        match user {
+            Some(user) if context()?.host.is_session_ended(&user.binding) => {
+                session
+                    .flush()
+                    .await
+                    .map_err(|e| ApiError::Server(format!("session store: {e}")))?;
+                Ok(None)
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn require_user() -> Result<(Session, SessionUser), ApiError> {
+        let session = session().await?;
+        let user = live_user(&session).await?;
         match user {
             Some(user) => Ok((session, user)),
             None => fail(StatusCode::UNAUTHORIZED, ApiError::NotSignedIn),

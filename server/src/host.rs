@@ -46,6 +46,10 @@ impl RealtimeHost for Realtime {
         tracing::info!(closed, "session ended");
     }
 
+    fn is_session_ended(&self, binding: &str) -> bool {
+        self.connections.session_ended_already(binding)
+    }
+
     fn start_answer(&self, channel: String, prompt: String) -> Result<String, String> {
         self.publisher.start(channel, prompt)
     }
@@ -112,7 +116,7 @@ impl Realtime {
                 let Some(rt) = rt.upgrade() else { return };
                 rt.connections.sweep(SystemTime::now());
                 n += 1;
-                if n % 4 == 0 {
+                if n.is_multiple_of(4) {
                     rt.broker.expire_history();
                 }
             }

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -93,7 +95,7 @@ const MAX_BATCH: usize = 1000;
 pub async fn publish(
     State(rt): State<Arc<Realtime>>,
     headers: HeaderMap,
-    body: Result<Json<PublishBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Published>, ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
@@ -104,7 +106,8 @@ pub async fn publish(
         tracing::warn!(error = %e, "publish refused");
         ApiError(StatusCode::UNAUTHORIZED, e.to_string())
     })?;
-    let Json(body) = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let body = body.map_err(|e| ApiError(e.status(), e.body_text()))?;
+    let body = parse_body(&headers, &body)?;
     let requests = match body {
         PublishBody::One(r) => vec![r],
         PublishBody::Many(rs) => rs,
@@ -137,6 +140,33 @@ pub async fn publish(
     Ok(Json(Published { positions }))
 }
 
+/// Parses straight from the bytes, as axum's `Json` would but without its tracking of the path
+/// to every value (an allocation per key), which cost more than the parse itself for small
+/// messages. Statuses match `Json`'s: 415 for another content type, 400 for broken JSON, 422
+/// for JSON that is not a message.
+fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<PublishBody, ApiError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase());
+    let is_json = media_type.is_some_and(|m| {
+        m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+    });
+    if !is_json {
+        let msg = "expected a request with `Content-Type: application/json`".to_owned();
+        return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let status = if e.is_data() {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError(status, format!("invalid publish body: {e}"))
+    })
+}
+
 /// Every check that can refuse a message, run on all of them before any is published.
 fn check(rt: &Realtime, requests: &[PublishRequest]) -> Result<(), ApiError> {
     if requests.is_empty() || requests.len() > MAX_BATCH {
@@ -162,4 +192,61 @@ fn check(rt: &Realtime, requests: &[PublishRequest]) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn json_headers(content_type: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(content_type).unwrap(),
+        );
+        h
+    }
+
+    fn status_of(content_type: &str, body: &str) -> StatusCode {
+        match parse_body(&json_headers(content_type), body.as_bytes()) {
+            Ok(_) => StatusCode::OK,
+            Err(ApiError(status, _)) => status,
+        }
+    }
+
+    #[test]
+    fn one_message_or_an_array_parses() {
+        let one = r#"{"channel":"user:a","topic":"ai","data":{"n":1}}"#;
+        let body = parse_body(&json_headers("application/json"), one.as_bytes());
+        assert!(matches!(body, Ok(PublishBody::One(r)) if r.kind == MessageKind::Data));
+        let many = format!("[{one},{one}]");
+        let body = parse_body(
+            &json_headers("application/json; charset=utf-8"),
+            many.as_bytes(),
+        );
+        assert!(matches!(body, Ok(PublishBody::Many(rs)) if rs.len() == 2));
+    }
+
+    #[test]
+    fn bad_bodies_get_the_statuses_axum_json_gives() {
+        let one = r#"{"channel":"user:a","topic":"ai","data":1}"#;
+        assert_eq!(
+            status_of("text/plain", one),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        assert_eq!(
+            status_of("application/json", "{\"channel\":"),
+            StatusCode::BAD_REQUEST
+        );
+        let no_topic = r#"[{"channel":"user:a","data":1}]"#;
+        assert_eq!(
+            status_of("application/json", no_topic),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status_of("application/json", "42"),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+    }
 }

@@ -14,15 +14,17 @@ pub fn LivePanel(
     user: UserView,
     sign_out: ServerAction<SignOut>,
     /// Called when the connection reports that the session is gone.
-    session_ended: Callback<()>,
+    session_ended: Callback<String>,
 ) -> impl IntoView {
     let live = use_realtime(RealtimeOptions::new([TOPIC_AI]));
     Effect::new(move |_| {
-        if live
-            .error
-            .with(|e| e.as_ref().is_some_and(RealtimeError::ends_session))
-        {
-            session_ended.run(());
+        let ending = live.error.with(|e| {
+            e.as_ref()
+                .filter(|e| e.ends_session())
+                .map(RealtimeError::to_string)
+        });
+        if let Some(why) = ending {
+            session_ended.run(why);
         }
     });
 

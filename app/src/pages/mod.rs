@@ -12,6 +12,9 @@ pub use answers::{group_answers, Answer};
 pub fn HomePage() -> impl IntoView {
     let sign_in = ServerAction::<SignIn>::new();
     let sign_out = ServerAction::<SignOut>::new();
+    // Why the last live connection was closed by the server's end of the session, shown on the
+    // sign-in form that replaces it.
+    let ended = RwSignal::new(None::<String>);
     let user_resource = Resource::new(
         move || (sign_in.version().get(), sign_out.version().get()),
         |_| current_user(),
@@ -27,10 +30,13 @@ pub fn HomePage() -> impl IntoView {
                 match user_resource.await {
                     Ok(Some(user)) => {
                         // A session that ended elsewhere (another tab, expiry) shows sign-in.
-                        let session_ended = Callback::new(move |()| user_resource.refetch());
+                        let session_ended = Callback::new(move |why: String| {
+                            ended.set(Some(why));
+                            user_resource.refetch();
+                        });
                         view! { <live::LivePanel user sign_out session_ended/> }.into_any()
                     }
-                    Ok(None) => view! { <SignInForm sign_in/> }.into_any(),
+                    Ok(None) => view! { <SignInForm sign_in ended/> }.into_any(),
                     Err(e) => view! { <p class="error">{e.to_string()}</p> }.into_any(),
                 }
             })}
@@ -39,7 +45,7 @@ pub fn HomePage() -> impl IntoView {
 }
 
 #[component]
-fn SignInForm(sign_in: ServerAction<SignIn>) -> impl IntoView {
+fn SignInForm(sign_in: ServerAction<SignIn>, ended: RwSignal<Option<String>>) -> impl IntoView {
     let error = move || {
         sign_in
             .value()
@@ -51,6 +57,11 @@ fn SignInForm(sign_in: ServerAction<SignIn>) -> impl IntoView {
     view! {
         <section class="panel">
             <h2>"Sign in"</h2>
+            <Show when=move || ended.with(Option::is_some)>
+                <p class="notice" role="status" data-testid="session-notice">
+                    "Your session has ended. " {move || ended.get()}
+                </p>
+            </Show>
             <ActionForm action=sign_in attr:class="sign-in" attr:data-testid="sign-in-form">
                 <label for="name-input">"Display name"</label>
                 <div class="row">
