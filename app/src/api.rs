@@ -149,7 +149,7 @@ pub mod ssr {
     }
 
     pub async fn session_user() -> Result<Option<SessionUser>, ApiError> {
-        Ok(live_user(&session().await?).await?)
+        live_user(&session().await?).await
     }
 
     /// The session's user, unless the broker has ended the session: then the session is

@@ -40,6 +40,8 @@ struct Inner {
     expiry: HashMap<String, SystemTime>,
 }
 
+// Limitation: ended sessions and live connections are known to this host only; with several
+// hosts, sign-out on one would have to reach the others (through the shared broker).
 pub struct Connections {
     inner: Mutex<Inner>,
     next_id: AtomicU64,

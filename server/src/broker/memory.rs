@@ -12,6 +12,9 @@ use app::token::random_hex;
 
 use super::{Attached, Broker, BrokerError, ConnId, Delivery, Draft, PublishError, Subscriber};
 
+// Limitation: history and fan-out live in this process, so several hosts cannot share one
+// broker yet, and a restart loses the history (clients are told: the epoch changes). A Redis
+// implementation of `Broker` (streams for history, pub/sub for fan-out) would lift both.
 pub struct MemoryBroker {
     channels: RwLock<HashMap<String, Arc<Mutex<Channel>>>>,
     max_publish_bytes: usize,
@@ -135,6 +138,8 @@ impl MemoryBroker {
 
     fn publish_now(&self, channel: &str, draft: Draft) -> Result<Position, PublishError> {
         // Measured before anything is stored, so a refused publish leaves no trace.
+        // Limitation: `data` is serialized here to measure it and again inside the envelope;
+        // carrying it as raw JSON from the publisher would save one pass.
         let size = serde_json::to_vec(&draft.data)
             .map(|v| v.len())
             .unwrap_or(usize::MAX);

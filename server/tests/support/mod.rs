@@ -35,12 +35,13 @@ impl Drop for TestHost {
 }
 
 pub fn test_config() -> Config {
-    let mut config = Config::default();
-    config.token_secret = Some(b"integration-test-secret-0123456789abcdef".to_vec());
-    // Each host gets a data directory of its own: sessions and ended sessions live there.
-    config.data_dir = std::env::temp_dir().join(format!("lr-test-{}", app::token::random_hex(8)));
-    config.ai_chunk_delay = Duration::from_millis(2);
-    config
+    Config {
+        token_secret: Some(b"integration-test-secret-0123456789abcdef".to_vec()),
+        // Each host gets a data directory of its own: sessions and ended sessions live there.
+        data_dir: std::env::temp_dir().join(format!("lr-test-{}", app::token::random_hex(8))),
+        ai_chunk_delay: Duration::from_millis(2),
+        ..Config::default()
+    }
 }
 
 impl TestHost {
