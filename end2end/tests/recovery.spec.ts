@@ -32,9 +32,10 @@ test('an answer cut off by a network outage arrives whole once back online', asy
     const answer = await user.ask(prompt);
     await expect.poll(() => chunksOf(user, prompt)).toBeGreaterThanOrEqual(5);
 
-    await user.page.context().setOffline(true);
     link.cut();
     await expect(user.byId('connection-state')).not.toHaveAttribute('data-state', 'active');
+    // From here the browser is offline too: its retries fail until the network comes back.
+    await user.page.context().setOffline(true);
     const cutAt = await chunksOf(user, prompt);
     // 80 chunks at 50 ms: the answer finishes on the server while the page is offline.
     await user.page.waitForTimeout(5_000);
