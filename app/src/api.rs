@@ -27,6 +27,9 @@ pub enum ApiError {
     NotSignedIn,
     #[error("{0}")]
     BadInput(String),
+    /// A limit was reached; trying again later may work.
+    #[error("{0}")]
+    Limited(String),
     #[error("The server failed: {0}")]
     Server(String),
     #[error("Could not reach the server: {0}")]
@@ -192,6 +195,10 @@ pub mod ssr {
             let msg = format!("A display name has at most {MAX_NAME_CHARS} characters.");
             return fail(StatusCode::BAD_REQUEST, ApiError::BadInput(msg));
         }
+        if name.chars().any(is_invisible_or_control) {
+            let msg = "A display name cannot contain control or direction characters.";
+            return fail(StatusCode::BAD_REQUEST, ApiError::BadInput(msg.into()));
+        }
         let session = session().await?;
         if let Ok(Some(old)) = session.get::<SessionUser>(USER_KEY).await {
             context()?.host.session_ended(&old.binding);
@@ -212,6 +219,11 @@ pub mod ssr {
             .map_err(|e| ApiError::Server(format!("session store: {e}")))?;
         tracing::info!(user = %user.id, "signed in");
         Ok(user.view())
+    }
+
+    /// Control characters and bidirectional overrides would let one name disguise another.
+    fn is_invisible_or_control(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
     }
 
     pub async fn sign_out() -> Result<(), ApiError> {
@@ -270,6 +282,6 @@ pub mod ssr {
         context()?
             .host
             .start_answer(user_channel(&user.id), prompt)
-            .or_else(|e| fail(StatusCode::SERVICE_UNAVAILABLE, ApiError::Server(e)))
+            .or_else(|e| fail(StatusCode::TOO_MANY_REQUESTS, ApiError::Limited(e)))
     }
 }

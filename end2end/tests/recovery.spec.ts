@@ -84,3 +84,22 @@ test('a host restart mid-answer is reported as incomplete recovery, then streami
   const after = unique('and after the restart');
   await user.expectComplete(await user.ask(after));
 });
+
+test('a page reloaded mid-answer says the answer is partial instead of passing it off as whole', async ({
+  newUser,
+}) => {
+  const user = await newUser(host.url);
+  await user.signIn(unique('reloader'));
+  await user.expectActive();
+  const prompt = unique('reload while this streams');
+  await user.ask(prompt);
+  await expect.poll(() => chunksOf(user, prompt)).toBeGreaterThanOrEqual(5);
+
+  await user.open('ask-button');
+  await user.expectActive();
+  // The fresh page joined mid-stream: it never saw the start or the first chunks.
+  const partial = user.byId('answer').first();
+  await expect(partial).toHaveAttribute('data-expected-chunks', /\d+/, { timeout: 20_000 });
+  await expect(partial).toHaveAttribute('data-complete', 'false');
+  await expect(partial.getByTestId('answer-gap')).toContainText('Part of this answer was missed');
+});

@@ -80,6 +80,10 @@ struct Connection {
 impl Connection {
     async fn run(&mut self) -> Flow {
         self.authenticate().await?;
+        if self.sub.is_none() {
+            // The client left before authenticating.
+            return Ok(());
+        }
         let limits = self.rt.config.limits.clone();
         let signal = self.signal.clone();
         let mut ping = tokio::time::interval(limits.ping_interval);
@@ -169,6 +173,17 @@ impl Connection {
             }
         })?;
         let topics = topics.unwrap_or_else(|| claims.topics.clone());
+        if topics.is_empty() {
+            let message = "subscribe to at least one topic".to_owned();
+            let code = ErrorCode::BadCommand;
+            return self
+                .reply(ServerReply::Error {
+                    id: Some(id),
+                    code,
+                    message,
+                })
+                .await;
+        }
         let topics = match self.check_topics(&claims, dedup(topics)) {
             Ok(topics) => topics,
             Err((code, message)) => {

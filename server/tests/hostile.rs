@@ -112,3 +112,48 @@ async fn shutdown_tells_clients_to_come_back() {
     }
     assert_eq!(c.closed().await.0, close::SERVICE_RESTART);
 }
+
+#[tokio::test]
+async fn clients_that_leave_before_auth_do_not_crash_their_connection_task() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        default_hook(info);
+    }));
+
+    let host = TestHost::start().await;
+    let mut closes_politely = host.connect().await;
+    closes_politely.send_raw(Message::Close(None)).await;
+    let hangs_up = host.connect().await;
+    drop(hangs_up);
+    let mut empty_topics = host.connect().await;
+    let id = empty_topics.next_id();
+    let token = host.token("alice", "s-a");
+    empty_topics
+        .send(&ClientCommand::Auth {
+            id,
+            token,
+            topics: Some(vec![]),
+            resume: None,
+        })
+        .await;
+    match empty_topics.next().await {
+        Seen::Reply(ServerReply::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::BadCommand);
+            assert!(message.contains("at least one topic"), "{message}");
+        }
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        0,
+        "a connection task panicked"
+    );
+    assert!(
+        host.rt.connections.is_empty(),
+        "a connection that never authenticated was kept"
+    );
+}

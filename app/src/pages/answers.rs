@@ -28,8 +28,22 @@ impl Answer {
         self.chunks.len()
     }
 
-    pub fn is_complete(&self) -> bool {
+    /// The end arrived: the publisher has sent everything it will.
+    pub fn is_finished(&self) -> bool {
         self.expected_chunks.is_some()
+    }
+
+    /// Finished, and every part arrived: the start and chunks `0..expected`, none missing.
+    pub fn is_complete(&self) -> bool {
+        let Some(expected) = self.expected_chunks else {
+            return false;
+        };
+        let contiguous = self
+            .chunks
+            .keys()
+            .next_back()
+            .map_or(expected == 0, |last| last + 1 == expected);
+        self.prompt.is_some() && self.chunks.len() as u64 == expected && contiguous
     }
 }
 
@@ -71,7 +85,7 @@ pub fn group_answers(messages: &[Envelope]) -> Vec<Answer> {
         };
         absorb(&mut answers[index], message);
     }
-    answers.retain(|a| a.prompt.is_some() || a.chunks_received() > 0 || a.is_complete());
+    answers.retain(|a| a.prompt.is_some() || a.chunks_received() > 0 || a.is_finished());
     answers
 }
 
@@ -190,7 +204,23 @@ mod tests {
         let answers = group_answers(&[chunk("r9", 1, 0, "late"), end("r9", 2, 1)]);
         assert_eq!(answers[0].prompt, None);
         assert_eq!(answers[0].text(), "late");
-        assert!(answers[0].is_complete());
+        assert!(answers[0].is_finished());
+        assert!(
+            !answers[0].is_complete(),
+            "an answer joined mid-stream is not whole"
+        );
+    }
+
+    #[test]
+    fn a_missing_chunk_keeps_a_finished_answer_incomplete() {
+        let answers = group_answers(&[
+            start("r1", 1, "q"),
+            chunk("r1", 2, 0, "a"),
+            chunk("r1", 4, 2, "c"),
+            end("r1", 5, 3),
+        ]);
+        assert!(answers[0].is_finished());
+        assert!(!answers[0].is_complete());
     }
 
     #[test]

@@ -154,7 +154,7 @@ fn AnswerList(live: RealtimeSubscription) -> impl IntoView {
                 <For
                     each=move || answers.get()
                     key=|answer| {
-                        let progress = (answer.chunks_received(), answer.is_complete());
+                        let progress = (answer.chunks_received(), answer.expected_chunks);
                         (answer.run_id.clone(), answer.prompt.is_some(), progress)
                     }
                     children=|answer| view! { <AnswerItem answer/> }
@@ -167,6 +167,15 @@ fn AnswerList(live: RealtimeSubscription) -> impl IntoView {
 #[component]
 fn AnswerItem(answer: Answer) -> impl IntoView {
     let complete = answer.is_complete();
+    // Joined mid-stream (a page opened while the answer streamed): say so, never pass it off
+    // as the whole answer.
+    let gap = (answer.is_finished() && !complete).then(|| {
+        let expected = answer.expected_chunks.unwrap_or(0);
+        format!(
+            "Part of this answer was missed: {} of {expected} pieces arrived.",
+            answer.chunks_received()
+        )
+    });
     let expected = answer
         .expected_chunks
         .map(|n| n.to_string())
@@ -188,6 +197,7 @@ fn AnswerItem(answer: Answer) -> impl IntoView {
         >
             <p class="answer-prompt" data-testid="answer-prompt">{prompt}</p>
             <p class="answer-text" data-testid="answer-text">{answer.text()}</p>
+            {gap.map(|gap| view! { <p class="notice" data-testid="answer-gap">{gap}</p> })}
         </li>
     }
 }
