@@ -140,6 +140,11 @@ impl Connection {
         self.retry_timer = None;
         self.sinks.state.set(ConnectionState::Connecting);
 
+        self.fetch_token(Self::on_token);
+    }
+
+    /// Asks for a token and hands it to `then`, unless this attempt is over by then.
+    fn fetch_token(&self, then: fn(&mut Self, Result<TokenGrant, ApiError>, f64)) {
         let request = self
             .options
             .token_fetcher
@@ -149,7 +154,7 @@ impl Connection {
         spawn_local(async move {
             let grant = request.await;
             let received_at = now_ms();
-            with_attempt(&me, attempt, |c| c.on_token(grant, received_at));
+            with_attempt(&me, attempt, |c| then(c, grant, received_at));
         });
     }
 
@@ -346,17 +351,7 @@ impl Connection {
     fn refresh(&mut self) {
         self.refresh_timer = None;
         self.sinks.state.set(ConnectionState::RefreshingToken);
-        let request = self
-            .options
-            .token_fetcher
-            .fetch(self.options.topics.clone());
-        let me = self.me.clone();
-        let attempt = self.attempt;
-        spawn_local(async move {
-            let grant = request.await;
-            let received_at = now_ms();
-            with_attempt(&me, attempt, |c| c.on_refresh_token(grant, received_at));
-        });
+        self.fetch_token(Self::on_refresh_token);
     }
 
     fn on_refresh_token(&mut self, grant: Result<TokenGrant, ApiError>, received_at: f64) {
