@@ -346,13 +346,7 @@ async fn start(kind: Kind, plan: &Plan, paths: &Paths) -> Result<(Server, Target
             let mut command = Command::new(exe);
             command.args(["serve-ceiling", "--addr", &loopback(port).to_string()]);
             let server = Server::start(kind.label(), command, &log, loopback(port)).await?;
-            let target = Target {
-                kind,
-                ws: loopback(port),
-                publish: loopback(port),
-                host_keys: None,
-            };
-            Ok((server, target))
+            Ok((server, Target::unauthenticated(kind, loopback(port))))
         }
         Kind::Nats => {
             let client_port = free_port().map_err(io_err("finding a free port"))?;
@@ -365,13 +359,7 @@ async fn start(kind: Kind, plan: &Plan, paths: &Paths) -> Result<(Server, Target
             let mut command = Command::new(&paths.nats_bin);
             command.arg("-c").arg(&conf);
             let server = Server::start(kind.label(), command, &log, loopback(port)).await?;
-            let target = Target {
-                kind,
-                ws: loopback(port),
-                publish: loopback(port),
-                host_keys: None,
-            };
-            Ok((server, target))
+            Ok((server, Target::unauthenticated(kind, loopback(port))))
         }
     }
 }

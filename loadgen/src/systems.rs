@@ -91,6 +91,18 @@ pub struct Target {
     pub host_keys: Option<HostKeys>,
 }
 
+impl Target {
+    /// A peer without tokens that takes subscribers and publishers on one address.
+    pub fn unauthenticated(kind: Kind, addr: SocketAddr) -> Self {
+        Self {
+            kind,
+            ws: addr,
+            publish: addr,
+            host_keys: None,
+        }
+    }
+}
+
 /// Microseconds since a base shared by publishers and subscribers of this process.
 pub fn now_micros() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
