@@ -12,6 +12,10 @@ use crate::protocol::TokenGrant;
 pub const MAX_NAME_CHARS: usize = 40;
 /// Longest prompt accepted by `ask`, in characters.
 pub const MAX_PROMPT_CHARS: usize = 2000;
+/// Where the server functions below are served: the `prefix` each of them names.
+pub const API_PREFIX: &str = "/api/";
+/// Largest request body a server function accepts: room for the longest prompt, percent-encoded.
+pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
 /// The signed-in user as the page sees them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +44,18 @@ impl FromServerFnError for ApiError {
     type Encoder = JsonEncoding;
 
     fn from_server_fn_error(value: ServerFnErrorErr) -> Self {
-        ApiError::Transport(value.to_string())
+        match value {
+            // On the server these mean the request itself could not be read: the caller's
+            // fault, so a 400 with the reason, not a 500.
+            #[cfg(feature = "ssr")]
+            ServerFnErrorErr::Args(why)
+            | ServerFnErrorErr::MissingArg(why)
+            | ServerFnErrorErr::Deserialization(why) => {
+                ssr::set_status(axum::http::StatusCode::BAD_REQUEST);
+                ApiError::BadInput(format!("The request could not be read: {why}."))
+            }
+            other => ApiError::Transport(other.to_string()),
+        }
     }
 }
 
@@ -138,10 +153,15 @@ pub mod ssr {
             .ok_or_else(|| ApiError::Server("server context missing".into()))
     }
 
-    fn fail<T>(status: StatusCode, err: ApiError) -> Result<T, ApiError> {
+    /// Sets the status of the server function's response, when there is one.
+    pub(super) fn set_status(status: StatusCode) {
         if let Some(res) = use_context::<ResponseOptions>() {
             res.set_status(status);
         }
+    }
+
+    fn fail<T>(status: StatusCode, err: ApiError) -> Result<T, ApiError> {
+        set_status(status);
         Err(err)
     }
 

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{FromRef, State, WebSocketUpgrade};
+use axum::extract::{FromRef, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -16,6 +17,7 @@ use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
 
 use app::api::ssr::{RealtimeHost, ServerContext};
+use app::api::{ApiError, API_PREFIX, MAX_PROMPT_CHARS, MAX_REQUEST_BYTES};
 use app::protocol::{close, WS_PATH};
 use app::token::TokenKeys;
 use app::{shell, App};
@@ -182,8 +184,30 @@ pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router 
             move || shell(leptos_options.clone()),
         )
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .layer(axum::middleware::from_fn(refuse_large_api_bodies))
         .layer(sessions)
         .with_state(state)
+}
+
+/// Server-function calls carry small forms. A larger body is refused whole, before it is
+/// read, with an error the page shows as it is.
+async fn refuse_large_api_bodies(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = declared.is_some_and(|n| n > MAX_REQUEST_BYTES);
+    if !(too_large && req.uri().path().starts_with(API_PREFIX)) {
+        return next.run(req).await;
+    }
+    let why = ApiError::BadInput(format!(
+        "The request is larger than {} KiB; a question has at most {MAX_PROMPT_CHARS} characters.",
+        MAX_REQUEST_BYTES / 1024
+    ));
+    let body = serde_json::to_string(&why).unwrap_or_default();
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    (StatusCode::PAYLOAD_TOO_LARGE, json, body).into_response()
 }
 
 async fn upgrade(
@@ -191,7 +215,11 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Err(why) = check_origin(&headers, &rt.config.allowed_origins) {
+    if let Err(why) = check_origin(
+        &headers,
+        &rt.config.allowed_origins,
+        rt.config.secure_cookies,
+    ) {
         tracing::warn!(%why, "websocket upgrade refused");
         return (StatusCode::FORBIDDEN, why).into_response();
     }
@@ -210,9 +238,10 @@ async fn upgrade(
 }
 
 /// Allows browsers only from the configured origins or, when none are configured, from the
-/// site itself (the Origin's host equals the Host the request was sent to). Clients that send
-/// no Origin are not browsers and cannot be hijacked cross-site, so they pass.
-fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
+/// site itself: the Origin's host equals the Host the request was sent to, and its scheme is
+/// https when the site is served over https (`secure`). Clients that send no Origin are not
+/// browsers and cannot be hijacked cross-site, so they pass.
+fn check_origin(headers: &HeaderMap, allowed: &[String], secure: bool) -> Result<(), String> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
@@ -224,7 +253,7 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
-        origin_authority(origin).is_some_and(|a| a.eq_ignore_ascii_case(host))
+        origin_authority(origin, secure).is_some_and(|a| a.eq_ignore_ascii_case(host))
     } else {
         allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
     };
@@ -237,10 +266,15 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
     }
 }
 
-fn origin_authority(origin: &str) -> Option<&str> {
-    origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"))
+// Limitation: a plain-http host cannot tell whether a proxy in front of it terminates TLS, so
+// without `secure` both schemes pass; REALTIME_ALLOWED_ORIGINS pins the exact origin.
+fn origin_authority(origin: &str, secure: bool) -> Option<&str> {
+    let https = origin.strip_prefix("https://");
+    if secure {
+        https
+    } else {
+        https.or_else(|| origin.strip_prefix("http://"))
+    }
 }
 
 /// Binds `addr` and serves until Ctrl-C or SIGTERM.
@@ -309,23 +343,23 @@ mod tests {
 
     #[test]
     fn same_origin_passes_and_cross_site_is_refused() {
-        assert!(check_origin(
-            &headers(Some("http://127.0.0.1:3000"), "127.0.0.1:3000"),
-            &[]
-        )
-        .is_ok());
-        assert!(check_origin(
-            &headers(Some("https://evil.example"), "127.0.0.1:3000"),
-            &[]
-        )
-        .is_err());
-        assert!(check_origin(&headers(None, "127.0.0.1:3000"), &[]).is_ok());
+        let site = "127.0.0.1:3000";
+        let from = |origin| headers(Some(origin), site);
+        assert!(check_origin(&from("http://127.0.0.1:3000"), &[], false).is_ok());
+        assert!(check_origin(&from("https://evil.example"), &[], false).is_err());
+        assert!(check_origin(&from("http://127.0.0.1:3001"), &[], false).is_err());
+        assert!(check_origin(&headers(None, site), &[], false).is_ok());
+
         let list = vec!["https://app.example".to_owned()];
-        assert!(check_origin(&headers(Some("https://app.example"), "internal:80"), &list).is_ok());
-        assert!(check_origin(
-            &headers(Some("http://127.0.0.1:3000"), "127.0.0.1:3000"),
-            &list
-        )
-        .is_err());
+        let proxied = headers(Some("https://app.example"), "internal:80");
+        assert!(check_origin(&proxied, &list, false).is_ok());
+        assert!(check_origin(&from("http://127.0.0.1:3000"), &list, false).is_err());
+    }
+
+    #[test]
+    fn a_site_served_over_https_refuses_its_plain_http_origin() {
+        let from = |origin| headers(Some(origin), "app.example");
+        assert!(check_origin(&from("https://app.example"), &[], true).is_ok());
+        assert!(check_origin(&from("http://app.example"), &[], true).is_err());
     }
 }

@@ -157,3 +157,24 @@ async fn clients_that_leave_before_auth_do_not_crash_their_connection_task() {
         "a connection that never authenticated was kept"
     );
 }
+
+#[tokio::test]
+async fn server_functions_refuse_malformed_and_oversize_forms_with_a_reason() {
+    let host = TestHost::start().await;
+
+    let (status, body) = host.post_form("/api/sign_in", "nam=typo").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("BadInput") && body.contains("missing field"),
+        "{body}"
+    );
+
+    let (status, body) = host.post_form("/api/subscription_token", "topics=ai").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("could not be read"), "{body}");
+
+    let huge = format!("prompt={}", "a".repeat(100 * 1024));
+    let (status, body) = host.post_form("/api/ask", &huge).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("larger than 64 KiB"), "{body}");
+}

@@ -137,13 +137,23 @@ impl TestHost {
 
     /// POSTs JSON over a fresh HTTP/1.1 connection; returns the status and body.
     pub async fn post_json(&self, path: &str, bearer: Option<&str>, body: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
         let auth = bearer
             .map(|t| format!("authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
+        self.post(path, "application/json", &auth, body).await
+    }
+
+    /// POSTs a form, as the page calls a server function; returns the status and body.
+    pub async fn post_form(&self, path: &str, body: &str) -> (u16, String) {
+        self.post(path, "application/x-www-form-urlencoded", "", body)
+            .await
+    }
+
+    async fn post(&self, path: &str, ty: &str, headers: &str, body: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(self.addr).await.unwrap();
         let request = format!(
-            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n{auth}\
+            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: {ty}\r\n{headers}\
              content-length: {}\r\nconnection: close\r\n\r\n{body}",
             self.addr,
             body.len()
