@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use leptos::prelude::*;
 use leptos_axum::{generate_route_list, LeptosRoutes};
@@ -27,6 +28,12 @@ use crate::config::{Config, ConfigError};
 use crate::connections::Connections;
 use crate::publisher::{AiPublisher, SampleAnswers};
 use crate::session_store::FileSessionStore;
+
+/// Clients send only small commands, so a small read buffer keeps idle sockets cheap.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames queued together are written in one go up to this size, then flushed; with
+/// TCP_NODELAY on, each flush leaves at once instead of waiting on Nagle's algorithm.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 /// Everything the broker side shares: one per host.
 pub struct Realtime {
@@ -230,8 +237,8 @@ async fn upgrade(
     // Frames a little over the limit still arrive whole, so they can be refused with 1009 and a
     // reason; far larger ones are cut off by the WebSocket layer itself.
     let hard_limit = (frame_limit * 4).max(64 * 1024);
-    ws.read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+    ws.read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
         .on_upgrade(move |socket| crate::connection::serve(socket, rt))
@@ -299,6 +306,12 @@ pub async fn serve_until(
     let housekeeping = rt.spawn_housekeeping();
     let app = router(leptos_options, rt.clone());
     let stopping = rt.clone();
+    // Streamed chunks are small and latency matters more than packet count.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;
