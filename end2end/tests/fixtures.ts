@@ -39,6 +39,11 @@ export class AppUser {
     page.on('pageerror', (err) => this.problems.push(`pageerror: ${err.message}`));
   }
 
+  /// Another tab of the same browser: same cookies, but its own session storage.
+  async newTab(): Promise<AppUser> {
+    return new AppUser(await this.page.context().newPage());
+  }
+
   byId(testId: string): Locator {
     return this.page.getByTestId(testId);
   }

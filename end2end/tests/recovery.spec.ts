@@ -85,20 +85,42 @@ test('a host restart mid-answer is reported as incomplete recovery, then streami
   await user.expectComplete(await user.ask(after));
 });
 
-test('a page reloaded mid-answer says the answer is partial instead of passing it off as whole', async ({
-  newUser,
-}) => {
+test('a page reloaded mid-answer gets the whole answer back from history', async ({ newUser }) => {
   const user = await newUser(host.url);
   await user.signIn(unique('reloader'));
   await user.expectActive();
+  const earlier = unique('asked before the reload');
+  const earlierText = await user.expectComplete(await user.ask(earlier));
   const prompt = unique('reload while this streams');
   await user.ask(prompt);
   await expect.poll(() => chunksOf(user, prompt)).toBeGreaterThanOrEqual(5);
 
   await user.open('ask-button');
   await user.expectActive();
-  // The fresh page joined mid-stream: it never saw the start or the first chunks.
-  const partial = user.byId('answer').first();
+  // The reloaded tab asks for its channel's history again: both answers are whole, the one
+  // that was streaming included, and nothing is reported missing.
+  await expect(user.byId('answer')).toHaveCount(2);
+  expect(await user.expectComplete(user.answerFor(earlier))).toBe(earlierText);
+  await user.expectComplete(user.answerFor(prompt));
+  await expect(user.byId('recovery-notice')).toHaveCount(0);
+  expect(user.problems).toEqual([]);
+});
+
+test('a new tab that joins mid-answer says the answer is partial instead of passing it off as whole', async ({
+  newUser,
+}) => {
+  const user = await newUser(host.url);
+  await user.signIn(unique('joiner'));
+  await user.expectActive();
+  const prompt = unique('open another tab while this streams');
+  await user.ask(prompt);
+  await expect.poll(() => chunksOf(user, prompt)).toBeGreaterThanOrEqual(5);
+
+  // A new tab has no history of its own to ask for: it starts live, mid-stream.
+  const tab = await user.newTab();
+  await tab.open('ask-button');
+  await tab.expectActive();
+  const partial = tab.byId('answer').first();
   await expect(partial).toHaveAttribute('data-expected-chunks', /\d+/, { timeout: 20_000 });
   await expect(partial).toHaveAttribute('data-complete', 'false');
   await expect(partial.getByTestId('answer-gap')).toContainText('Part of this answer was missed');

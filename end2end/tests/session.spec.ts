@@ -47,7 +47,7 @@ test('signing out in one tab closes the live socket of another tab at once', asy
   const first = await newUser(host.url);
   await first.signIn(unique('two-tabs'));
   await first.expectActive();
-  const second = new AppUser(await first.page.context().newPage());
+  const second = await first.newTab();
   await second.open('sign-out-button');
   await second.expectActive();
 

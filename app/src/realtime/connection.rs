@@ -12,7 +12,9 @@ use leptos::task::spawn_local;
 
 use super::cursor::Cursor;
 use super::hook::{RealtimeOptions, Sinks, TopicChange};
-use super::socket::{broker_url, now_ms, random_unit, Socket, SocketEvents, Timer};
+use super::socket::{
+    broker_url, now_ms, random_unit, remember_epoch, remembered_epoch, Socket, SocketEvents, Timer,
+};
 use super::status::{ConnectionState, RealtimeError};
 use super::timing::{refresh_delay, TokenClock};
 use crate::api::ApiError;
@@ -47,6 +49,9 @@ pub(super) struct Connection {
     clock: Option<TokenClock>,
     expires_at: u64,
     cursor: Cursor,
+    /// The channel the tokens are for, and the epoch last written to session storage for it.
+    channel: Option<String>,
+    remembered_epoch: Option<String>,
     /// Failed attempts since the last successful subscribe; drives the backoff.
     failures: u32,
     next_command: u64,
@@ -74,6 +79,8 @@ impl Connection {
                 clock: None,
                 expires_at: 0,
                 cursor: Cursor::default(),
+                channel: None,
+                remembered_epoch: None,
                 failures: 0,
                 next_command: 1,
                 pending: HashMap::new(),
@@ -170,6 +177,7 @@ impl Connection {
             }
             Err(e) => return self.retry_after_failure(RealtimeError::Token(e)),
         };
+        self.note_channel(&grant.channel);
 
         let socket = broker_url().and_then(|url| Socket::open(&url, self.socket_events()));
         match socket {
@@ -180,6 +188,32 @@ impl Connection {
                 self.auth_token = Some(grant.token);
             }
             Err(e) => self.retry_after_failure(RealtimeError::Unavailable(e)),
+        }
+    }
+
+    /// On the first token of a page, a tab that read this channel before (and was reloaded)
+    /// resumes from the start of the epoch it last saw.
+    fn note_channel(&mut self, channel: &str) {
+        if self.channel.as_deref() == Some(channel) {
+            return;
+        }
+        self.channel = Some(channel.to_owned());
+        self.remembered_epoch = remembered_epoch(channel);
+        if self.options.resume_after_reload && self.cursor.resume_point().is_none() {
+            if let Some(epoch) = self.remembered_epoch.clone() {
+                self.cursor = Cursor::replaying(epoch);
+            }
+        }
+    }
+
+    /// Writes the cursor's epoch to session storage when it changed.
+    fn remember_position(&mut self) {
+        let (Some(channel), Some(at)) = (&self.channel, self.cursor.resume_point()) else {
+            return;
+        };
+        if self.remembered_epoch.as_deref() != Some(at.epoch.as_str()) {
+            remember_epoch(channel, &at.epoch);
+            self.remembered_epoch = Some(at.epoch);
         }
     }
 
@@ -228,6 +262,7 @@ impl Connection {
         if !self.cursor.accept(&message) {
             return;
         }
+        self.remember_position();
         self.batch.push(message);
         match self.options.buffer_interval {
             None => self.flush(),
@@ -256,6 +291,7 @@ impl Connection {
                 // coming, the replayed messages move the cursor themselves.
                 if recovery.as_ref().is_none_or(|r| r.replayed == 0) {
                     self.cursor.skip_to(position);
+                    self.remember_position();
                 }
                 if recovery.is_some() {
                     self.sinks.recovery.set(recovery);

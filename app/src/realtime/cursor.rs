@@ -14,6 +14,15 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// A cursor that asks for everything `epoch` still holds: a page reloaded in a tab that
+    /// had been reading that epoch gets the channel's history back.
+    pub fn replaying(epoch: String) -> Self {
+        Self {
+            last_delivered: None,
+            resume_from: Some(Position { epoch, offset: 0 }),
+        }
+    }
+
     /// Records `message` and says whether it is new. A message is a duplicate when an equal
     /// or later offset of the same epoch was already delivered; a new epoch starts afresh.
     pub fn accept(&mut self, message: &Envelope) -> bool {
@@ -94,6 +103,15 @@ mod tests {
         assert!(cursor.accept(&message("b", 1)));
         assert!(!cursor.accept(&message("b", 1)));
         assert_eq!(cursor.resume_point(), Some(position("b", 1)));
+    }
+
+    #[test]
+    fn a_replaying_cursor_asks_for_the_whole_epoch_and_takes_every_message() {
+        let mut cursor = Cursor::replaying("a".into());
+        assert_eq!(cursor.resume_point(), Some(position("a", 0)));
+        assert!(cursor.accept(&message("a", 1)));
+        assert!(cursor.accept(&message("a", 2)));
+        assert_eq!(cursor.resume_point(), Some(position("a", 2)));
     }
 
     #[test]

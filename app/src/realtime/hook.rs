@@ -52,6 +52,9 @@ pub struct RealtimeOptions {
     pub buffer_interval: Option<Duration>,
     pub token_fetcher: TokenFetcher,
     pub backoff: Backoff,
+    /// After a reload in the same tab, ask for the channel's history again, so the page shows
+    /// what it showed before (as far as the history reaches back).
+    pub resume_after_reload: bool,
 }
 
 impl RealtimeOptions {
@@ -66,6 +69,7 @@ impl RealtimeOptions {
             buffer_interval: None,
             token_fetcher: TokenFetcher::default(),
             backoff: Backoff::default(),
+            resume_after_reload: true,
         }
     }
 
@@ -86,6 +90,11 @@ impl RealtimeOptions {
 
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    pub fn resume_after_reload(mut self, resume: bool) -> Self {
+        self.resume_after_reload = resume;
         self
     }
 }

@@ -97,6 +97,27 @@ pub(super) fn broker_url() -> Result<String, String> {
     Ok(format!("{scheme}//{host}{WS_PATH}"))
 }
 
+/// The epoch this tab last read on `channel`, kept in session storage so that a reloaded page
+/// can ask for the channel's history again. Holds no token and no message.
+pub(super) fn remembered_epoch(channel: &str) -> Option<String> {
+    session_storage()?.get_item(&epoch_key(channel)).ok()?
+}
+
+/// Records `epoch` for [`remembered_epoch`]; without session storage, a reload starts live.
+pub(super) fn remember_epoch(channel: &str, epoch: &str) {
+    if let Some(storage) = session_storage() {
+        _ = storage.set_item(&epoch_key(channel), epoch);
+    }
+}
+
+fn session_storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.session_storage().ok()?
+}
+
+fn epoch_key(channel: &str) -> String {
+    format!("leptos-realtime:epoch:{channel}")
+}
+
 /// A pending `setTimeout`. Dropping it cancels the callback.
 pub(super) struct Timer {
     handle: i32,
