@@ -40,15 +40,16 @@ pub struct Position {
 
 /// A message as delivered to subscribers. Field names follow Inngest Realtime where it has a
 /// field of the same meaning (`kind`, `channel`, `topic`, `data`, `created_at`, `run_id`,
-/// `stream_id`).
+/// `stream_id`). Clients read `data` as a JSON value; the broker carries it as the raw JSON
+/// text it was published with, so it is never parsed into a tree or serialized again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
+pub struct Envelope<Data = serde_json::Value> {
     pub kind: MessageKind,
     /// Unique id of this message.
     pub id: String,
     pub channel: String,
     pub topic: String,
-    pub data: serde_json::Value,
+    pub data: Data,
     /// Milliseconds since the Unix epoch, set by the broker when it accepted the publish.
     pub created_at: u64,
     /// The background job that published it, when one did.
@@ -61,7 +62,7 @@ pub struct Envelope {
     pub offset: u64,
 }
 
-impl Envelope {
+impl<Data> Envelope<Data> {
     pub fn position(&self) -> Position {
         Position {
             epoch: self.epoch.clone(),
@@ -221,7 +222,7 @@ pub struct TokenGrant {
 }
 
 /// Serialize an envelope once for every subscriber. Kept here so server and tests agree.
-pub fn encode_envelope(envelope: &Envelope) -> String {
+pub fn encode_envelope<Data: Serialize>(envelope: &Envelope<Data>) -> String {
     serde_json::to_string(envelope).expect("envelopes always serialize")
 }
 

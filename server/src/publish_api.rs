@@ -14,6 +14,7 @@ use axum::Json;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use app::protocol::{MessageKind, Position};
 
@@ -28,7 +29,7 @@ pub struct PublishRequest {
     pub topic: String,
     #[serde(default = "data_kind")]
     pub kind: MessageKind,
-    pub data: serde_json::Value,
+    pub data: Box<RawValue>,
     #[serde(default)]
     pub run_id: Option<String>,
     #[serde(default)]
@@ -183,15 +184,70 @@ fn check(rt: &Realtime, requests: &[PublishRequest]) -> Result<(), ApiError> {
             let msg = format!("message {i}: unknown topic `{}`", r.topic);
             return Err(ApiError(StatusCode::BAD_REQUEST, msg));
         }
-        let size = serde_json::to_vec(&r.data)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let size = r.data.get().len();
         if size > limit {
             let msg = format!("message {i}: data is {size} bytes; the limit is {limit} bytes");
             return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg));
         }
+        if let Err(e) = serde_json::from_str::<StrictJson>(r.data.get()) {
+            let msg = format!("message {i}: data is JSON that clients cannot read: {e}");
+            return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, msg));
+        }
     }
     Ok(())
+}
+
+/// Walks JSON the way a client's parser reads it, without building it: skipping it unread, as
+/// `RawValue` does, lets through numbers out of range and broken escapes that every subscriber
+/// would then fail to parse.
+struct StrictJson;
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictJson)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictJson {
+    type Value = StrictJson;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<StrictJson>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<StrictJson, StrictJson>()?.is_some() {}
+        Ok(self)
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +282,29 @@ mod tests {
             many.as_bytes(),
         );
         assert!(matches!(body, Ok(PublishBody::Many(rs)) if rs.len() == 2));
+    }
+
+    #[test]
+    fn data_a_client_could_not_parse_is_caught() {
+        for good in [
+            r#"{"a":[1,-2,3.5,"x\n",true,null,{}]}"#,
+            "1e300",
+            r#""\ud83d\ude00""#,
+        ] {
+            assert!(serde_json::from_str::<StrictJson>(good).is_ok(), "{good}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(good).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in ["1e400", r#""\ud800""#, r#"{"a":-1e999}"#] {
+            assert!(serde_json::from_str::<Box<RawValue>>(bad).is_ok(), "{bad}");
+            assert!(serde_json::from_str::<StrictJson>(bad).is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl AnswerJob {
         let draft = Draft {
             kind,
             topic: TOPIC_AI.to_owned(),
-            data,
+            data: serde_json::value::to_raw_value(&data).map_err(|e| e.to_string())?,
             run_id: Some(self.run_id.clone()),
             stream_id: Some(self.run_id.clone()),
         };

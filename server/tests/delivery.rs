@@ -181,6 +181,17 @@ async fn backends_publish_over_http_and_a_bad_batch_delivers_nothing() {
         "part of a refused batch arrived"
     );
 
+    // JSON that a subscriber's parser would reject is refused up front, not delivered broken.
+    let unreadable = r#"[{"channel":"user:alice","topic":"ai","data":{"n":3}},
+                         {"channel":"user:alice","topic":"ai","data":{"n":1e400}}]"#;
+    let (status, body) = host.post_json(path, Some(&publisher), unreadable).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("message 1") && body.contains("out of range"), "{body}");
+    assert!(
+        c.stays_quiet(Duration::from_millis(200)).await,
+        "part of a refused batch arrived"
+    );
+
     let (status, _) = host.post_json(path, None, one).await;
     assert_eq!(status, 401);
     let subscriber_token = host.token("alice", "s-a");

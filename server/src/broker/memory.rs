@@ -138,11 +138,7 @@ impl MemoryBroker {
 
     fn publish_now(&self, channel: &str, draft: Draft) -> Result<Position, PublishError> {
         // Measured before anything is stored, so a refused publish leaves no trace.
-        // Limitation: `data` is serialized here to measure it and again inside the envelope;
-        // carrying it as raw JSON from the publisher would save one pass.
-        let size = serde_json::to_vec(&draft.data)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let size = draft.data.get().len();
         if size > self.max_publish_bytes {
             return Err(PublishError::TooLarge {
                 size,
@@ -288,7 +284,7 @@ mod tests {
         Draft {
             kind: MessageKind::Data,
             topic: topic.into(),
-            data: serde_json::json!({ "n": n }),
+            data: serde_json::value::to_raw_value(&serde_json::json!({ "n": n })).unwrap(),
             run_id: None,
             stream_id: None,
         }
@@ -390,7 +386,7 @@ mod tests {
     async fn oversize_publish_is_refused_and_leaves_no_offset() {
         let b = broker();
         let big = Draft {
-            data: serde_json::json!("x".repeat(2000)),
+            data: serde_json::value::to_raw_value(&"x".repeat(2000)).unwrap(),
             ..draft("ai", 0)
         };
         let err = b.publish("user:a", big).await.unwrap_err();

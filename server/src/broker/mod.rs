@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use futures::future::BoxFuture;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, Notify};
 
 use app::protocol::{MessageKind, Position, Recovery};
@@ -23,12 +24,13 @@ pub type Frame = Utf8Bytes;
 /// Identifies one WebSocket connection within this host.
 pub type ConnId = u64;
 
-/// A message before the broker gives it an id, offset and time.
+/// A message before the broker gives it an id, offset and time. `data` is JSON text, checked
+/// once where it came in and copied into the envelope as it is.
 #[derive(Clone, Debug)]
 pub struct Draft {
     pub kind: MessageKind,
     pub topic: String,
-    pub data: serde_json::Value,
+    pub data: Box<RawValue>,
     pub run_id: Option<String>,
     pub stream_id: Option<String>,
 }

@@ -128,7 +128,7 @@ impl TestHost {
         let draft = Draft {
             kind: MessageKind::Data,
             topic: topic.into(),
-            data,
+            data: serde_json::value::to_raw_value(&data).unwrap(),
             run_id: None,
             stream_id: None,
         };
