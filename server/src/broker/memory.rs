@@ -5,12 +5,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::{ready, BoxFuture};
-use tokio::sync::mpsc::error::TrySendError;
 
-use app::protocol::{close, encode_envelope, Envelope, Position, Recovery};
+use app::protocol::{encode_envelope, Envelope, Position, Recovery};
 use app::token::random_hex;
 
-use super::{Attached, Broker, BrokerError, ConnId, Delivery, Draft, PublishError, Subscriber};
+use super::{
+    fan_out, recovery, replay_start, Attached, Broker, BrokerError, ConnId, Delivery, Draft,
+    PublishError, Subscriber,
+};
 
 // Limitation: history and fan-out live in this process, so several hosts cannot share one
 // broker yet, and a restart loses the history (clients are told: the epoch changes). A Redis
@@ -74,15 +76,7 @@ impl Channel {
     /// What a client resuming from `resume` missed, and whether that is all of it.
     fn replay(&self, resume: &Position, topics: &[String]) -> (Vec<Delivery>, Recovery) {
         let wanted = |s: &&Stored| topics.iter().any(|t| **t == *s.delivery.topic);
-        let (from, reason) = if resume.epoch != self.epoch {
-            (0, Some("epoch_changed"))
-        } else if resume.offset > self.head {
-            (0, Some("unknown_position"))
-        } else if resume.offset + 1 < self.oldest_offset() {
-            (0, Some("history_expired"))
-        } else {
-            (resume.offset, None)
-        };
+        let (from, reason) = replay_start(resume, &self.epoch, self.head, self.oldest_offset());
         let replay: Vec<Delivery> = self
             .history
             .iter()
@@ -90,11 +84,7 @@ impl Channel {
             .filter(wanted)
             .map(|s| s.delivery.clone())
             .collect();
-        let recovery = Recovery {
-            complete: reason.is_none(),
-            reason: reason.map(str::to_owned),
-            replayed: replay.len() as u64,
-        };
+        let recovery = recovery(reason, replay.len());
         (replay, recovery)
     }
 }
@@ -171,22 +161,7 @@ impl MemoryBroker {
             delivery: delivery.clone(),
         });
         ch.trim(self.history_max_messages, self.history_max_age, now);
-        ch.subscribers.retain(|_, sub| {
-            if !sub.topics.iter().any(|t| **t == *delivery.topic) {
-                return true;
-            }
-            match sub.queue.try_send(delivery.clone()) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    // Dropping the subscriber, never waiting on it, keeps one stalled client
-                    // from holding up the channel.
-                    sub.signal
-                        .close(close::SLOW_CONSUMER, "slow consumer: send queue full");
-                    false
-                }
-                Err(TrySendError::Closed(_)) => false,
-            }
-        });
+        fan_out(&mut ch.subscribers, &delivery);
         Ok(ch.position())
     }
 }
@@ -277,7 +252,7 @@ fn now_millis() -> u64 {
 mod tests {
     use super::*;
     use crate::broker::CloseSignal;
-    use app::protocol::MessageKind;
+    use app::protocol::{close, MessageKind};
     use tokio::sync::mpsc;
 
     fn draft(topic: &str, n: u64) -> Draft {

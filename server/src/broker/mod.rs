@@ -7,14 +7,16 @@
 
 mod memory;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use futures::future::BoxFuture;
 use serde_json::value::RawValue;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, Notify};
 
-use app::protocol::{MessageKind, Position, Recovery};
+use app::protocol::{close, MessageKind, Position, Recovery};
 
 pub use memory::MemoryBroker;
 
@@ -105,6 +107,54 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Drops history older than the configured age; called periodically.
     fn expire_history(&self);
+}
+
+/// Where a replay for a client resuming from `resume` starts (it gets every kept message after
+/// that offset) and, when that cannot be all it missed, why. `oldest` is the offset of the oldest
+/// message the channel still keeps, or `head + 1` when it keeps none.
+fn replay_start(
+    resume: &Position,
+    epoch: &str,
+    head: u64,
+    oldest: u64,
+) -> (u64, Option<&'static str>) {
+    if resume.epoch != epoch {
+        (0, Some("epoch_changed"))
+    } else if resume.offset > head {
+        (0, Some("unknown_position"))
+    } else if resume.offset + 1 < oldest {
+        (0, Some("history_expired"))
+    } else {
+        (resume.offset, None)
+    }
+}
+
+fn recovery(reason: Option<&str>, replayed: usize) -> Recovery {
+    Recovery {
+        complete: reason.is_none(),
+        reason: reason.map(str::to_owned),
+        replayed: replayed as u64,
+    }
+}
+
+/// Hands `delivery` to every subscriber that wants its topic, never waiting: a subscriber whose
+/// queue is full is told to close as a slow consumer and dropped, so one stalled client cannot
+/// hold up the channel.
+fn fan_out(subscribers: &mut HashMap<ConnId, Subscriber>, delivery: &Delivery) {
+    subscribers.retain(|_, sub| {
+        if !sub.topics.iter().any(|t| **t == *delivery.topic) {
+            return true;
+        }
+        match sub.queue.try_send(delivery.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                sub.signal
+                    .close(close::SLOW_CONSUMER, "slow consumer: send queue full");
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    });
 }
 
 /// Tells a connection task to close, from anywhere: the broker (slow consumer), sign-out,
