@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
@@ -88,12 +88,22 @@ impl Connection {
         let signal = self.signal.clone();
         let mut ping = tokio::time::interval(limits.ping_interval);
         ping.tick().await;
+        // The close signal and the expiry timer live across iterations: making them afresh for
+        // every message registered a waiter and a timer each time, which cost more than the send.
+        let closed = signal.wait();
+        tokio::pin!(closed);
+        let mut armed_for = self.token_exp();
+        let expiry = sleep_until(self.expiry_deadline());
+        tokio::pin!(expiry);
         loop {
-            let expires = self.expiry_deadline();
+            if self.token_exp() != armed_for {
+                armed_for = self.token_exp();
+                expiry.as_mut().reset(self.expiry_deadline());
+            }
             let sub = self.sub.as_mut().expect("authenticated");
             tokio::select! {
                 biased;
-                (code, reason) = signal.wait() => return Err(Closing::new(code, reason)),
+                (code, reason) = &mut closed => return Err(Closing::new(code, reason)),
                 first = sub.queue.recv() => match first {
                     Some(first) => self.forward(first).await?,
                     None => return Err(Closing::new(close::SLOW_CONSUMER, "dropped by broker")),
@@ -109,16 +119,19 @@ impl Connection {
                     }
                     self.send_all(vec![Message::Ping(Default::default())]).await?;
                 }
-                _ = sleep_until(expires) => {
+                _ = &mut expiry => {
                     return Err(Closing::new(close::TOKEN_EXPIRED, "token expired"));
                 }
             }
         }
     }
 
+    fn token_exp(&self) -> u64 {
+        self.sub.as_ref().map_or(0, |s| s.claims.exp)
+    }
+
     fn expiry_deadline(&self) -> Instant {
-        let exp = self.sub.as_ref().map_or(0, |s| s.claims.exp);
-        Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()))
+        Instant::now() + Duration::from_secs(self.token_exp().saturating_sub(unix_now()))
     }
 
     /// Waits for `auth`, checks the token and subscribes. Anything else first is refused.
@@ -463,8 +476,15 @@ impl Connection {
             }
             sink.flush().await
         };
+        let mut write = std::pin::pin!(write);
+        let lost = |_| Closing::new(close::NORMAL, "connection lost");
+        // Most writes fit in the socket buffer and finish on the first poll; only one that has
+        // to wait needs the timeout and the close signal watched.
+        if let Some(done) = write.as_mut().now_or_never() {
+            return done.map_err(lost);
+        }
         tokio::select! {
-            done = write => done.map_err(|_| Closing::new(close::NORMAL, "connection lost")),
+            done = write => done.map_err(lost),
             (code, reason) = signal.wait() => Err(Closing::new(code, reason)),
             _ = tokio::time::sleep(WRITE_TIMEOUT) => {
                 Err(Closing::new(close::SLOW_CONSUMER, "slow consumer: write timed out"))
