@@ -74,6 +74,11 @@ pub struct Config {
     pub ai_chunk_delay: Duration,
     pub ai_answer_words: usize,
     pub limits: Limits,
+    /// Where the shared broker lives. Unset: history, fan-out and sessions stay in this host.
+    /// Never logged: the URL may carry a password.
+    pub redis_url: Option<String>,
+    /// Put before every Redis key and channel, so deployments can share one Redis.
+    pub redis_prefix: String,
 }
 
 impl Default for Config {
@@ -89,6 +94,8 @@ impl Default for Config {
             ai_chunk_delay: Duration::from_millis(40),
             ai_answer_words: 60,
             limits: Limits::default(),
+            redis_url: None,
+            redis_prefix: "lr:".into(),
         }
     }
 }
@@ -127,6 +134,17 @@ impl Config {
             if !c.topics.iter().any(|t| t == app::protocol::TOPIC_AI) {
                 return Err(invalid("REALTIME_TOPICS", "must include `ai`".into()));
             }
+        }
+        c.redis_url = get("REALTIME_REDIS_URL").filter(|url| !url.is_empty());
+        if let Some(prefix) = get("REALTIME_REDIS_PREFIX") {
+            // Also a pattern in PSUBSCRIBE: glob characters would match other deployments.
+            let plain =
+                |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, ':' | '_' | '-' | '.');
+            if prefix.is_empty() || !prefix.chars().all(plain) {
+                let why = "letters, digits and `:_-.` only, not empty".to_owned();
+                return Err(invalid("REALTIME_REDIS_PREFIX", why));
+            }
+            c.redis_prefix = prefix;
         }
         millis(&get, "REALTIME_AI_CHUNK_DELAY_MS", &mut c.ai_chunk_delay)?;
         count(&get, "REALTIME_AI_ANSWER_WORDS", &mut c.ai_answer_words)?;

@@ -209,6 +209,16 @@ impl Connection {
                     .await
             }
         };
+        // A host that was not listening when another host ended the session learns it here.
+        let ended_elsewhere = self
+            .rt
+            .broker
+            .session_end_announced(&claims.sid)
+            .await
+            .map_err(|e| Closing::new(close::SERVICE_RESTART, e.to_string()))?;
+        if ended_elsewhere {
+            self.rt.connections.end_session(&claims.sid, "signed out");
+        }
         let registration = self
             .rt
             .connections

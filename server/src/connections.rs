@@ -40,8 +40,9 @@ struct Inner {
     expiry: HashMap<String, SystemTime>,
 }
 
-// Limitation: ended sessions and live connections are known to this host only; with several
-// hosts, sign-out on one would have to reach the others (through the shared broker).
+// Limitation: the registry is this host's. With a shared broker, other hosts hear of session
+// expiries and ends through it (`Broker::announce`), but the per-user connection limit still
+// counts only this host's connections.
 pub struct Connections {
     inner: Mutex<Inner>,
     next_id: AtomicU64,

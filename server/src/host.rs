@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRef, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -23,11 +23,11 @@ use app::protocol::{close, WS_PATH};
 use app::token::TokenKeys;
 use app::{shell, App};
 
-use crate::broker::{Broker, MemoryBroker};
+use crate::broker::{Broker, MemoryBroker, RedisBroker, SessionEvent, SessionHook};
 use crate::config::{Config, ConfigError};
 use crate::connections::Connections;
 use crate::publisher::{AiPublisher, SampleAnswers};
-use crate::session_store::FileSessionStore;
+use crate::session_store::{FileSessionStore, RedisSessionStore, Sessions};
 
 /// Clients send only small commands, so a small read buffer keeps idle sockets cheap.
 const WS_READ_BUFFER: usize = 4 * 1024;
@@ -42,17 +42,39 @@ pub struct Realtime {
     pub broker: Arc<dyn Broker>,
     pub connections: Arc<Connections>,
     pub publisher: AiPublisher,
-    pub sessions: FileSessionStore,
+    pub sessions: Sessions,
+}
+
+impl Realtime {
+    /// Tells the other hosts sharing the broker, without holding up the caller.
+    fn announce(&self, event: SessionEvent) {
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = broker.announce(event).await {
+                tracing::warn!(error = %e, "could not tell the other hosts about a session");
+            }
+        });
+    }
 }
 
 impl RealtimeHost for Realtime {
     fn session_seen(&self, binding: &str, expires_at: SystemTime) {
         self.connections.session_seen(binding, expires_at);
+        let until_secs = expires_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.announce(SessionEvent::Seen {
+            binding: binding.to_owned(),
+            until_secs,
+        });
     }
 
     fn session_ended(&self, binding: &str) {
         let closed = self.connections.end_session(binding, "signed out");
         tracing::info!(closed, "session ended");
+        self.announce(SessionEvent::Ended {
+            binding: binding.to_owned(),
+        });
     }
 
     fn is_session_ended(&self, binding: &str) -> bool {
@@ -78,29 +100,47 @@ pub enum StartError {
     Token(#[from] app::token::TokenError),
     #[error("data directory: {0}")]
     DataDir(#[from] std::io::Error),
+    #[error("redis (REALTIME_REDIS_URL): {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 impl Realtime {
-    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+    /// Opens what the host keeps in its data directory and, when configured, connects to the
+    /// shared broker in Redis.
+    pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let secret = config.load_secret()?;
         let tokens = TokenKeys::new(&secret, config.token_ttl)?.with_topics(config.topics.clone());
         let l = &config.limits;
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(
-            l.max_publish_bytes,
-            l.history_max_messages,
-            l.history_max_age,
-        ));
-        let source = SampleAnswers {
-            words: config.ai_answer_words,
-            delay: config.ai_chunk_delay,
-        };
-        let publisher = AiPublisher::new(broker.clone(), Arc::new(source), l.max_answers_per_user);
         let connections = Arc::new(Connections::open(
             l.max_conns_per_user,
             config.token_ttl,
             &config.data_dir,
         )?);
-        let sessions = FileSessionStore::open(&config.data_dir)?;
+        let (broker, sessions): (Arc<dyn Broker>, Sessions) = match &config.redis_url {
+            Some(url) => {
+                let hook = session_hook(Arc::downgrade(&connections));
+                let redis =
+                    RedisBroker::connect(url, &config.redis_prefix, l, config.token_ttl, hook)
+                        .await?;
+                let sessions = RedisSessionStore::new(redis.connection(), &config.redis_prefix);
+                tracing::info!(prefix = %config.redis_prefix, "sharing the broker through redis");
+                (Arc::new(redis), Sessions::Redis(sessions))
+            }
+            None => {
+                let memory = MemoryBroker::new(
+                    l.max_publish_bytes,
+                    l.history_max_messages,
+                    l.history_max_age,
+                );
+                let sessions = FileSessionStore::open(&config.data_dir)?;
+                (Arc::new(memory), Sessions::File(sessions))
+            }
+        };
+        let source = SampleAnswers {
+            words: config.ai_answer_words,
+            delay: config.ai_chunk_delay,
+        };
+        let publisher = AiPublisher::new(broker.clone(), Arc::new(source), l.max_answers_per_user);
         let tokens = Arc::new(tokens);
         Ok(Arc::new(Self {
             tokens,
@@ -117,7 +157,7 @@ impl Realtime {
         let rt = Arc::downgrade(self);
         let flusher = self.sessions.spawn_flusher();
         tokio::spawn(async move {
-            let _flusher = AbortOnDrop(flusher);
+            let _flusher = flusher.map(AbortOnDrop);
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut n = 0u64;
             loop {
@@ -146,6 +186,31 @@ impl Realtime {
             tracing::warn!(error = %e, "could not write sessions file");
         }
     }
+}
+
+/// What this host does when another one announces a session event: the same as if it had
+/// happened here, without announcing it again.
+fn session_hook(connections: std::sync::Weak<Connections>) -> SessionHook {
+    Arc::new(move |event| {
+        let Some(connections) = connections.upgrade() else {
+            return;
+        };
+        match event {
+            SessionEvent::Seen {
+                binding,
+                until_secs,
+            } => {
+                let until = UNIX_EPOCH + Duration::from_secs(until_secs);
+                connections.session_seen(&binding, until);
+            }
+            SessionEvent::Ended { binding } => {
+                let closed = connections.end_session(&binding, "signed out");
+                if closed > 0 {
+                    tracing::info!(closed, "session ended on another host");
+                }
+            }
+        }
+    })
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

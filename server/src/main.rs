@@ -21,7 +21,7 @@ async fn main() {
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let conf = get_configuration(None)?;
     let config = Config::from_env()?;
-    let realtime = Realtime::new(config)?;
+    let realtime = Realtime::new(config).await?;
     serve(conf.leptos_options.site_addr, conf.leptos_options, realtime).await?;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! The embedded session store: sessions in memory, written to the data directory so that a
-//! restart of the host does not sign everyone out.
+//! Where sessions live: by default in memory, written to the data directory so that a restart
+//! of the host does not sign everyone out; with a shared broker, in Redis, so that every host
+//! sharing it knows every session.
 
 use std::collections::HashMap;
 use std::fs;
@@ -89,7 +90,7 @@ impl FileSessionStore {
 
     /// Flushes once a second until the host stops.
     // Limitation: a host that is killed (not stopped) loses up to a second of session changes;
-    // a shared store (Redis) would lift this.
+    // with REALTIME_REDIS_URL sessions live in Redis instead.
     pub fn spawn_flusher(&self) -> tokio::task::JoinHandle<()> {
         let store = self.clone();
         tokio::spawn(async move {
@@ -136,6 +137,140 @@ impl SessionStore for FileSessionStore {
         self.records().remove(id);
         self.changed();
         Ok(())
+    }
+}
+
+/// Sessions in Redis, one key each, expiring with the session.
+#[derive(Clone)]
+pub struct RedisSessionStore {
+    conn: redis::aio::ConnectionManager,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisSessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSessionStore")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl RedisSessionStore {
+    pub fn new(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: format!("{prefix}session:"),
+        }
+    }
+
+    /// Writes `record` until its expiry; with `only_new`, only if its id is not taken.
+    async fn put(&self, record: &Record, only_new: bool) -> session_store::Result<bool> {
+        let json = serde_json::to_string(record).map_err(backend)?;
+        let expires_ms = (record.expiry_date.unix_timestamp_nanos() / 1_000_000).max(1) as u64;
+        let mut set = redis::cmd("SET");
+        set.arg(format!("{}{}", self.prefix, record.id))
+            .arg(json)
+            .arg("PXAT")
+            .arg(expires_ms);
+        if only_new {
+            set.arg("NX");
+        }
+        let reply: Option<String> = set
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        Ok(reply.is_some())
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> session_store::Error {
+    session_store::Error::Backend(e.to_string())
+}
+
+#[async_trait]
+impl SessionStore for RedisSessionStore {
+    async fn create(&self, record: &mut Record) -> session_store::Result<()> {
+        while !self.put(record, true).await? {
+            record.id = Id::default();
+        }
+        Ok(())
+    }
+
+    async fn save(&self, record: &Record) -> session_store::Result<()> {
+        self.put(record, false).await.map(|_| ())
+    }
+
+    async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
+        let json: Option<String> = redis::cmd("GET")
+            .arg(format!("{}{id}", self.prefix))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(backend)?;
+        json.map(|j| serde_json::from_str(&j).map_err(backend))
+            .transpose()
+    }
+
+    async fn delete(&self, id: &Id) -> session_store::Result<()> {
+        redis::cmd("DEL")
+            .arg(format!("{}{id}", self.prefix))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(backend)
+    }
+}
+
+/// The store the session layer uses: one of the two above.
+#[derive(Clone, Debug)]
+pub enum Sessions {
+    File(FileSessionStore),
+    Redis(RedisSessionStore),
+}
+
+impl Sessions {
+    /// Saves what is pending; Redis has nothing pending.
+    pub fn flush(&self) -> io::Result<()> {
+        match self {
+            Sessions::File(store) => store.flush(),
+            Sessions::Redis(_) => Ok(()),
+        }
+    }
+
+    pub fn spawn_flusher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        match self {
+            Sessions::File(store) => Some(store.spawn_flusher()),
+            Sessions::Redis(_) => None,
+        }
+    }
+}
+
+#[async_trait]
+impl SessionStore for Sessions {
+    async fn create(&self, record: &mut Record) -> session_store::Result<()> {
+        match self {
+            Sessions::File(s) => s.create(record).await,
+            Sessions::Redis(s) => s.create(record).await,
+        }
+    }
+
+    async fn save(&self, record: &Record) -> session_store::Result<()> {
+        match self {
+            Sessions::File(s) => s.save(record).await,
+            Sessions::Redis(s) => s.save(record).await,
+        }
+    }
+
+    async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
+        match self {
+            Sessions::File(s) => s.load(id).await,
+            Sessions::Redis(s) => s.load(id).await,
+        }
+    }
+
+    async fn delete(&self, id: &Id) -> session_store::Result<()> {
+        match self {
+            Sessions::File(s) => s.delete(id).await,
+            Sessions::Redis(s) => s.delete(id).await,
+        }
     }
 }
 

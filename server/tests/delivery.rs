@@ -4,24 +4,8 @@ mod support;
 
 use std::time::Duration;
 
-use app::protocol::{close, Position, ServerReply};
-use support::TestHost;
-
-fn position(reply: &ServerReply) -> Position {
-    match reply {
-        ServerReply::Subscribed { position, .. } => position.clone(),
-        other => panic!("expected subscribed, got {other:?}"),
-    }
-}
-
-fn recovery(reply: &ServerReply) -> app::protocol::Recovery {
-    match reply {
-        ServerReply::Subscribed {
-            recovery: Some(r), ..
-        } => r.clone(),
-        other => panic!("expected a recovery report, got {other:?}"),
-    }
-}
+use app::protocol::close;
+use support::{position, recovery, TestHost};
 
 #[tokio::test]
 async fn resume_replays_missed_messages_in_order_then_goes_live_without_duplicates() {
@@ -186,7 +170,10 @@ async fn backends_publish_over_http_and_a_bad_batch_delivers_nothing() {
                          {"channel":"user:alice","topic":"ai","data":{"n":1e400}}]"#;
     let (status, body) = host.post_json(path, Some(&publisher), unreadable).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body.contains("message 1") && body.contains("out of range"), "{body}");
+    assert!(
+        body.contains("message 1") && body.contains("out of range"),
+        "{body}"
+    );
     assert!(
         c.stays_quiet(Duration::from_millis(200)).await,
         "part of a refused batch arrived"

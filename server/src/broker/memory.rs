@@ -6,17 +6,17 @@ use std::time::{Duration, Instant};
 
 use futures::future::{ready, BoxFuture};
 
-use app::protocol::{encode_envelope, Envelope, Position, Recovery};
+use app::protocol::{encode_envelope, Position, Recovery};
 use app::token::random_hex;
 
 use super::{
     fan_out, recovery, replay_start, Attached, Broker, BrokerError, ConnId, Delivery, Draft,
-    PublishError, Subscriber,
+    PublishError, SessionEvent, Subscriber,
 };
 
-// Limitation: history and fan-out live in this process, so several hosts cannot share one
-// broker yet, and a restart loses the history (clients are told: the epoch changes). A Redis
-// implementation of `Broker` (streams for history, pub/sub for fan-out) would lift both.
+// Limitation: history and fan-out live in this process, so a restart loses the history (clients
+// are told: the epoch changes) and no other host can share it. `RedisBroker`, chosen with
+// REALTIME_REDIS_URL, lifts both.
 pub struct MemoryBroker {
     channels: RwLock<HashMap<String, Arc<Mutex<Channel>>>>,
     max_publish_bytes: usize,
@@ -128,28 +128,11 @@ impl MemoryBroker {
 
     fn publish_now(&self, channel: &str, draft: Draft) -> Result<Position, PublishError> {
         // Measured before anything is stored, so a refused publish leaves no trace.
-        let size = draft.data.get().len();
-        if size > self.max_publish_bytes {
-            return Err(PublishError::TooLarge {
-                size,
-                limit: self.max_publish_bytes,
-            });
-        }
+        draft.check_size(self.max_publish_bytes)?;
         let ch = self.channel(channel);
         let mut ch = ch.lock().unwrap_or_else(|p| p.into_inner());
         ch.head += 1;
-        let envelope = Envelope {
-            kind: draft.kind,
-            id: random_hex(10),
-            channel: channel.to_owned(),
-            topic: draft.topic,
-            data: draft.data,
-            created_at: now_millis(),
-            run_id: draft.run_id,
-            stream_id: draft.stream_id,
-            epoch: ch.epoch.clone(),
-            offset: ch.head,
-        };
+        let envelope = draft.into_envelope(channel, ch.epoch.clone(), ch.head);
         let delivery = Delivery {
             offset: envelope.offset,
             topic: Arc::from(envelope.topic.as_str()),
@@ -228,6 +211,17 @@ impl Broker for MemoryBroker {
         }
     }
 
+    fn announce(&self, _event: SessionEvent) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(ready(Ok(())))
+    }
+
+    fn session_end_announced<'a>(
+        &'a self,
+        _binding: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        Box::pin(ready(Ok(false)))
+    }
+
     fn expire_history(&self) {
         let now = Instant::now();
         let mut map = self.channels.write().unwrap_or_else(|p| p.into_inner());
@@ -239,13 +233,6 @@ impl Broker for MemoryBroker {
             !(ch.subscribers.is_empty() && ch.history.is_empty())
         });
     }
-}
-
-fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! pub/sub for fan-out between hosts) fits behind the same calls as the in-memory one.
 
 mod memory;
+mod redis;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,9 +17,11 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, Notify};
 
-use app::protocol::{close, MessageKind, Position, Recovery};
+use app::protocol::{close, Envelope, MessageKind, Position, Recovery};
+use app::token::random_hex;
 
 pub use memory::MemoryBroker;
+pub use redis::RedisBroker;
 
 /// A serialized envelope, shared by every connection it goes to.
 pub type Frame = Utf8Bytes;
@@ -35,6 +38,33 @@ pub struct Draft {
     pub data: Box<RawValue>,
     pub run_id: Option<String>,
     pub stream_id: Option<String>,
+}
+
+impl Draft {
+    /// Refuses data over `limit` bytes, before anything is stored or sent.
+    fn check_size(&self, limit: usize) -> Result<(), PublishError> {
+        let size = self.data.get().len();
+        if size > limit {
+            return Err(PublishError::TooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    /// The envelope for this draft on `channel`, at `(epoch, offset)`, stamped now.
+    fn into_envelope(self, channel: &str, epoch: String, offset: u64) -> Envelope<Box<RawValue>> {
+        Envelope {
+            kind: self.kind,
+            id: random_hex(10),
+            channel: channel.to_owned(),
+            topic: self.topic,
+            data: self.data,
+            created_at: now_millis(),
+            run_id: self.run_id,
+            stream_id: self.stream_id,
+            epoch,
+            offset,
+        }
+    }
 }
 
 /// One message on its way to one connection.
@@ -107,7 +137,64 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Drops history older than the configured age; called periodically.
     fn expire_history(&self);
+
+    /// Tells every host sharing this broker what happened to a session, so that each one's
+    /// registry agrees: when it expires, and that it ended (close its sockets, refuse its
+    /// tokens). This host's own registry already knows; a broker inside one host has nobody
+    /// else to tell.
+    fn announce(&self, event: SessionEvent) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Whether another host announced that the session bound to `binding` ended, for a host
+    /// that was not listening then (it started later, or lost its link).
+    fn session_end_announced<'a>(
+        &'a self,
+        binding: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 }
+
+/// What one host tells the others about a session, named by its binding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The session is alive until this many seconds after the Unix epoch.
+    Seen {
+        binding: String,
+        until_secs: u64,
+    },
+    Ended {
+        binding: String,
+    },
+}
+
+impl SessionEvent {
+    fn encode(&self) -> String {
+        match self {
+            SessionEvent::Seen {
+                binding,
+                until_secs,
+            } => format!("seen {until_secs} {binding}"),
+            SessionEvent::Ended { binding } => format!("ended {binding}"),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        match text.split_once(' ')? {
+            ("ended", binding) => Some(SessionEvent::Ended {
+                binding: binding.to_owned(),
+            }),
+            ("seen", rest) => {
+                let (until, binding) = rest.split_once(' ')?;
+                Some(SessionEvent::Seen {
+                    binding: binding.to_owned(),
+                    until_secs: until.parse().ok()?,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a shared broker calls when another host announces a session event.
+pub type SessionHook = Arc<dyn Fn(SessionEvent) + Send + Sync>;
 
 /// Where a replay for a client resuming from `resume` starts (it gets every kept message after
 /// that offset) and, when that cannot be all it missed, why. `oldest` is the offset of the oldest
@@ -127,6 +214,14 @@ fn replay_start(
     } else {
         (resume.offset, None)
     }
+}
+
+/// Milliseconds since the Unix epoch: an envelope's `created_at`.
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn recovery(reason: Option<&str>, replayed: usize) -> Recovery {

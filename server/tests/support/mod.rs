@@ -20,6 +20,89 @@ use server::host::{serve_until, Realtime};
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// A throwaway `redis-server` on a free loopback port, with nothing saved to disk. Stopped
+/// when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server: whatever it held is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let port = self.port.to_string();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (`scripts/setup test` installs it)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The channel position a `subscribed` reply reports.
+pub fn position(reply: &ServerReply) -> Position {
+    match reply {
+        ServerReply::Subscribed { position, .. } => position.clone(),
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+}
+
+/// The recovery report of a `subscribed` reply to a resume.
+pub fn recovery(reply: &ServerReply) -> app::protocol::Recovery {
+    match reply {
+        ServerReply::Subscribed {
+            recovery: Some(r), ..
+        } => r.clone(),
+        other => panic!("expected a recovery report, got {other:?}"),
+    }
+}
+
 pub struct TestHost {
     pub addr: SocketAddr,
     pub rt: Arc<Realtime>,
@@ -49,10 +132,16 @@ impl TestHost {
         Self::with(|_| {}).await
     }
 
+    /// A host that shares its broker and sessions through `redis`.
+    pub async fn sharing(redis: &RedisServer) -> Self {
+        let url = redis.url();
+        Self::with(move |c| c.redis_url = Some(url)).await
+    }
+
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config();
         tweak(&mut config);
-        let rt = Realtime::new(config).expect("host starts");
+        let rt = Realtime::new(config).await.expect("host starts");
         let options = LeptosOptions::builder()
             .output_name("leptos-realtime")
             .build();
@@ -140,16 +229,40 @@ impl TestHost {
         let auth = bearer
             .map(|t| format!("authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        self.post(path, "application/json", &auth, body).await
+        let (status, _, body) = self.post(path, "application/json", &auth, body).await;
+        (status, body)
     }
 
     /// POSTs a form, as the page calls a server function; returns the status and body.
     pub async fn post_form(&self, path: &str, body: &str) -> (u16, String) {
-        self.post(path, "application/x-www-form-urlencoded", "", body)
-            .await
+        let (status, _, body) = self.post_form_as(path, None, body).await;
+        (status, body)
     }
 
-    async fn post(&self, path: &str, ty: &str, headers: &str, body: &str) -> (u16, String) {
+    /// Like `post_form`, with the session cookie `cookie` (`name=value`) when given; also
+    /// returns the cookie the response sets, if any.
+    pub async fn post_form_as(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        body: &str,
+    ) -> (u16, Option<String>, String) {
+        let headers = cookie
+            .map(|c| format!("cookie: {c}\r\n"))
+            .unwrap_or_default();
+        let ty = "application/x-www-form-urlencoded";
+        let (status, head, body) = self.post(path, ty, &headers, body).await;
+        let set_cookie = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            let value = value.trim().split(';').next()?;
+            name.eq_ignore_ascii_case("set-cookie")
+                .then(|| value.to_owned())
+        });
+        (status, set_cookie, body)
+    }
+
+    /// Sends one request over a fresh connection; returns the status, head and body.
+    async fn post(&self, path: &str, ty: &str, headers: &str, body: &str) -> (u16, String, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = TcpStream::connect(self.addr).await.unwrap();
         let request = format!(
@@ -162,11 +275,8 @@ impl TestHost {
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         let status = response[9..12].parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (status, head.to_owned(), body.to_owned())
     }
 
     /// A token for `topics`, which the host's topic catalogue must know.
