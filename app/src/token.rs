@@ -79,6 +79,7 @@ pub struct TokenKeys {
     validation: Validation,
     ttl: Duration,
     topics: Vec<String>,
+    fingerprint: String,
 }
 
 impl TokenKeys {
@@ -97,7 +98,13 @@ impl TokenKeys {
             validation,
             ttl,
             topics: KNOWN_TOPICS.iter().map(|t| t.to_string()).collect(),
+            fingerprint: fingerprint(secret),
         })
+    }
+
+    /// Names the secret without revealing it, so hosts can check they share one.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Replaces the catalogue of topics tokens may name (by default `KNOWN_TOPICS`).
@@ -212,6 +219,15 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+fn fingerprint(secret: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"leptos-realtime token secret fingerprint\0")
+        .chain_update(secret)
+        .finalize();
+    hex::encode(&digest[..16])
 }
 
 /// `bytes` random bytes as lowercase hex.

@@ -102,6 +102,11 @@ pub enum StartError {
     DataDir(#[from] std::io::Error),
     #[error("redis (REALTIME_REDIS_URL): {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(
+        "another host on this redis signs tokens with a different secret; \
+         give every host the same REALTIME_TOKEN_SECRET"
+    )]
+    SecretMismatch,
 }
 
 impl Realtime {
@@ -122,6 +127,9 @@ impl Realtime {
                 let redis =
                     RedisBroker::connect(url, &config.redis_prefix, l, config.token_ttl, hook)
                         .await?;
+                if !redis.claim_secret(tokens.fingerprint()).await? {
+                    return Err(StartError::SecretMismatch);
+                }
                 let sessions = RedisSessionStore::new(redis.connection(), &config.redis_prefix);
                 tracing::info!(prefix = %config.redis_prefix, "sharing the broker through redis");
                 (Arc::new(redis), Sessions::Redis(sessions))

@@ -214,3 +214,17 @@ async fn losing_redis_closes_subscribers_with_the_restart_code_and_they_resume_o
     assert_eq!(recovery.reason.as_deref(), Some("epoch_changed"));
     assert_ne!(position(&reply).epoch, last.epoch);
 }
+
+#[tokio::test]
+async fn a_host_with_another_token_secret_refuses_to_start() {
+    let redis = RedisServer::start().await;
+    let _first = TestHost::sharing(&redis).await;
+    let mut config = support::test_config();
+    config.redis_url = Some(redis.url());
+    config.token_secret = Some(b"a-different-secret-0123456789abcdefghij".to_vec());
+    let refused = server::host::Realtime::new(config).await.err();
+    assert!(
+        matches!(refused, Some(server::host::StartError::SecretMismatch)),
+        "a host with its own secret joined: its tokens would fail on the others"
+    );
+}

@@ -249,6 +249,21 @@ impl RedisBroker {
         })
     }
 
+    /// Records `fingerprint` as the token secret's for every host on this Redis, or fails
+    /// when another host recorded a different one: its tokens would be refused here.
+    pub async fn claim_secret(&self, fingerprint: &str) -> Result<bool, RedisError> {
+        let key = format!("{}secret-fingerprint", self.keys.prefix);
+        let mut conn = self.conn.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(fingerprint)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let recorded: Option<String> = conn.get(&key).await?;
+        Ok(recorded.as_deref() == Some(fingerprint))
+    }
+
     /// A handle on the broker's Redis connection, for the session store.
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
