@@ -48,9 +48,10 @@ export class AppUser {
     return this.page.getByTestId(testId);
   }
 
-  /// Loads the page and waits until `testId` (or the form around it) is hydrated.
-  async open(testId = 'sign-in-button'): Promise<void> {
-    await this.page.goto('/');
+  /// Loads the page (of another host when `url` says so) and waits until `testId` (or the
+  /// form around it) is hydrated.
+  async open(testId = 'sign-in-button', url = '/'): Promise<void> {
+    await this.page.goto(url);
     await this.waitInteractive(testId);
   }
 

@@ -101,6 +101,47 @@ export class Host {
   }
 }
 
+/// A `redis-server` of the test's own on a free loopback port, saving nothing to disk, for
+/// hosts that share their broker (`REALTIME_REDIS_URL`).
+export class Redis {
+  private constructor(
+    private readonly child: ChildProcess,
+    readonly port: number,
+  ) {}
+
+  get url(): string {
+    return `redis://127.0.0.1:${this.port}/`;
+  }
+
+  static async start(): Promise<Redis> {
+    const port = await freePort();
+    const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'];
+    const child = spawn('redis-server', args, { stdio: 'ignore' });
+    const deadline = Date.now() + 10_000;
+    while (Date.now() < deadline) {
+      if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`);
+      const up = await new Promise<boolean>((done) => {
+        const probe = createConnection({ host: '127.0.0.1', port }, () => {
+          probe.destroy();
+          done(true);
+        });
+        probe.on('error', () => done(false));
+      });
+      if (up) return new Redis(child, port);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    child.kill('SIGKILL');
+    throw new Error('redis-server did not listen within 10 s (scripts/setup test installs it)');
+  }
+
+  async stop(): Promise<void> {
+    if (this.child.exitCode !== null) return;
+    const exited = new Promise((r) => this.child.once('exit', r));
+    this.child.kill('SIGTERM');
+    await exited;
+  }
+}
+
 /// A TCP hop between the browser and a host that a test can cut, like a network outage:
 /// `cut()` drops every open connection (the browser sees its WebSocket die without a close
 /// frame) and refuses new ones until `restore()`. Playwright's `setOffline` alone does not
