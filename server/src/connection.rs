@@ -63,6 +63,7 @@ struct Subscribed {
     claims: Claims,
     topics: Vec<String>,
     queue: mpsc::Receiver<Delivery>,
+    last_epoch: Option<Arc<str>>,
     last_offset: u64,
     _registration: Registration,
 }
@@ -261,6 +262,7 @@ impl Connection {
             claims,
             topics,
             queue: rx,
+            last_epoch: None,
             last_offset: 0,
             _registration: registration,
         });
@@ -307,6 +309,11 @@ impl Connection {
         let sub = self.sub.as_mut().expect("authenticated");
         let mut frames = Vec::with_capacity(deliveries.len());
         for d in deliveries {
+            // The same rule as the client's cursor: a new epoch starts its offsets afresh.
+            if sub.last_epoch.as_ref() != Some(&d.epoch) {
+                sub.last_epoch = Some(d.epoch.clone());
+                sub.last_offset = 0;
+            }
             if d.offset <= sub.last_offset || !sub.topics.iter().any(|t| **t == *d.topic) {
                 continue;
             }

@@ -228,3 +228,29 @@ async fn a_host_with_another_token_secret_refuses_to_start() {
         "a host with its own secret joined: its tokens would fail on the others"
     );
 }
+
+#[tokio::test]
+async fn a_channel_that_expires_while_a_client_listens_goes_on_under_a_new_epoch() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let host = TestHost::with(move |c| {
+        c.redis_url = Some(url);
+        c.limits.history_max_age = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = host.connect().await;
+    client.subscribe(&host.token("alice", "s-a"), None).await;
+    let mut last = None;
+    for n in 1..=3 {
+        last = Some(host.publish("alice", n).await);
+        assert_eq!(client.message().await.data["n"], n);
+    }
+
+    // Idle for longer than the history lives: Redis drops the channel, epoch and all.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fresh = host.publish("alice", 4).await;
+    assert_ne!(Some(&fresh.epoch), last.as_ref().map(|p| &p.epoch));
+    assert_eq!(fresh.offset, 1);
+    let message = client.message().await;
+    assert_eq!((message.offset, message.data["n"].as_u64()), (1, Some(4)));
+}

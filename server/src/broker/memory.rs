@@ -25,7 +25,7 @@ pub struct MemoryBroker {
 }
 
 struct Channel {
-    epoch: String,
+    epoch: Arc<str>,
     head: u64,
     history: VecDeque<Stored>,
     subscribers: HashMap<ConnId, Subscriber>,
@@ -39,7 +39,7 @@ struct Stored {
 impl Channel {
     fn new() -> Self {
         Self {
-            epoch: random_hex(8),
+            epoch: Arc::from(random_hex(8)),
             head: 0,
             history: VecDeque::new(),
             subscribers: HashMap::new(),
@@ -48,7 +48,7 @@ impl Channel {
 
     fn position(&self) -> Position {
         Position {
-            epoch: self.epoch.clone(),
+            epoch: self.epoch.to_string(),
             offset: self.head,
         }
     }
@@ -132,8 +132,9 @@ impl MemoryBroker {
         let ch = self.channel(channel);
         let mut ch = ch.lock().unwrap_or_else(|p| p.into_inner());
         ch.head += 1;
-        let envelope = draft.into_envelope(channel, ch.epoch.clone(), ch.head);
+        let envelope = draft.into_envelope(channel, ch.epoch.to_string(), ch.head);
         let delivery = Delivery {
+            epoch: ch.epoch.clone(),
             offset: envelope.offset,
             topic: Arc::from(envelope.topic.as_str()),
             frame: encode_envelope(&envelope).into(),

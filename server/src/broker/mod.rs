@@ -70,6 +70,9 @@ impl Draft {
 /// One message on its way to one connection.
 #[derive(Clone, Debug)]
 pub struct Delivery {
+    /// The channel's epoch when it was published: a shared broker can lose a channel's state
+    /// while a connection is open, and a new epoch starts its offsets again from 1.
+    pub epoch: Arc<str>,
     pub offset: u64,
     pub topic: Arc<str>,
     pub frame: Frame,

@@ -46,7 +46,8 @@ static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         trim_by_age!(),
         r#"
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3])
+-- A new epoch never inherits entries: the log may outlive its meta by a moment.
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3]) == 1 then redis.call('DEL', KEYS[2]) end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local offset = redis.call('HINCRBY', KEYS[1], 'head', 1)
 local frame = '{"epoch":"' .. epoch .. '","offset":' .. offset .. ',' .. ARGV[6]
@@ -55,7 +56,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], offset .. '-1',
 trim_by_age(KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[7], offset .. ' ' .. string.len(ARGV[5]) .. ' ' .. ARGV[5] .. frame)
+redis.call('PUBLISH', ARGV[7],
+  offset .. ' ' .. epoch .. ' ' .. string.len(ARGV[5]) .. ' ' .. ARGV[5] .. frame)
 return {epoch, offset}
 "#
     ))
@@ -67,7 +69,7 @@ static ATTACH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         trim_by_age!(),
         r#"
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3])
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3]) == 1 then redis.call('DEL', KEYS[2]) end
 redis.call('HSETNX', KEYS[1], 'head', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 trim_by_age(KEYS[2], ARGV[1], ARGV[2])
@@ -329,9 +331,10 @@ impl RedisBroker {
             });
         };
         let (from, reason) = replay_start(&resume, &position.epoch, head, oldest);
+        let epoch: Arc<str> = Arc::from(position.epoch.as_str());
         let replay: Vec<Delivery> = entries
             .into_iter()
-            .filter_map(parse_entry)
+            .filter_map(|entry| parse_entry(&epoch, entry))
             .filter(|d| d.offset > from && topics.iter().any(|t| **t == *d.topic))
             .collect();
         let recovery = recovery(reason, replay.len());
@@ -415,21 +418,24 @@ fn envelope_tail(channel: &str, draft: Draft) -> Result<String, PublishError> {
         })
 }
 
-/// A live frame as the publish script sends it: `<offset> <topic length> <topic><frame>`.
+/// A live frame as the publish script sends it:
+/// `<offset> <epoch> <topic length> <topic><frame>`.
 fn parse_live(payload: &[u8]) -> Option<Delivery> {
     let text = std::str::from_utf8(payload).ok()?;
     let (offset, rest) = text.split_once(' ')?;
+    let (epoch, rest) = rest.split_once(' ')?;
     let (len, rest) = rest.split_once(' ')?;
     let len: usize = len.parse().ok()?;
     let (topic, frame) = (rest.get(..len)?, rest.get(len..)?);
     Some(Delivery {
+        epoch: Arc::from(epoch),
         offset: offset.parse().ok()?,
         topic: Arc::from(topic),
         frame: Utf8Bytes::from(frame.to_owned()),
     })
 }
 
-fn parse_entry((id, fields): Entry) -> Option<Delivery> {
+fn parse_entry(epoch: &Arc<str>, (id, fields): Entry) -> Option<Delivery> {
     let offset = id.split('-').next()?.parse().ok()?;
     let (mut topic, mut frame) = (None, None);
     let mut fields = fields.into_iter();
@@ -441,6 +447,7 @@ fn parse_entry((id, fields): Entry) -> Option<Delivery> {
         }
     }
     Some(Delivery {
+        epoch: epoch.clone(),
         offset,
         topic: Arc::from(topic?.as_str()),
         frame: Utf8Bytes::from(frame?),
@@ -543,13 +550,11 @@ mod tests {
     }
 
     #[test]
-    fn live_frames_split_into_offset_topic_and_frame() {
-        let d = parse_live(b"12 2 ai{\"x\":1}").unwrap();
-        assert_eq!(
-            (d.offset, &*d.topic, d.frame.as_str()),
-            (12, "ai", "{\"x\":1}")
-        );
-        assert!(parse_live(b"12 9 ai{}").is_none());
-        assert!(parse_live(b"x 2 ai{}").is_none());
+    fn live_frames_split_into_offset_epoch_topic_and_frame() {
+        let d = parse_live(b"12 e1 2 ai{\"x\":1}").unwrap();
+        assert_eq!((d.offset, &*d.epoch, &*d.topic), (12, "e1", "ai"));
+        assert_eq!(d.frame.as_str(), "{\"x\":1}");
+        assert!(parse_live(b"12 e1 9 ai{}").is_none());
+        assert!(parse_live(b"x e1 2 ai{}").is_none());
     }
 }
