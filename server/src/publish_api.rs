@@ -114,7 +114,10 @@ pub async fn publish(
         PublishBody::Many(rs) => rs,
     };
     check(&rt, &requests)?;
-    let mut positions = Vec::with_capacity(requests.len());
+    let total = requests.len();
+    let mut positions = Vec::with_capacity(total);
+    // Limitation: with the Redis broker each message is one round trip, and a batch cut off by
+    // a Redis failure keeps the messages published before it; the 503 says how many.
     for r in requests {
         let draft = Draft {
             kind: r.kind,
@@ -132,7 +135,9 @@ pub async fn publish(
                     ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
                 }
                 PublishError::Unavailable(_) => {
-                    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                    let done = positions.len();
+                    let msg = format!("{e}; {done} of {total} messages were published");
+                    ApiError(StatusCode::SERVICE_UNAVAILABLE, msg)
                 }
             })?;
         positions.push(position);

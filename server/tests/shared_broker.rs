@@ -192,6 +192,16 @@ async fn losing_redis_closes_subscribers_with_the_restart_code_and_they_resume_o
         .publish_to("alice", "ai", serde_json::json!({ "n": 2 }))
         .await;
     assert!(refused.is_err(), "a publish without redis was accepted");
+    let publisher = host
+        .rt
+        .tokens
+        .mint_publisher("test", Duration::from_secs(60))
+        .unwrap();
+    let one = r#"{"channel":"user:alice","topic":"ai","data":{"n":2}}"#;
+    let path = server::publish_api::PUBLISH_PATH;
+    let (status, body) = host.post_json(path, Some(&publisher), one).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("0 of 1 messages were published"), "{body}");
 
     // Redis comes back empty, so the client must hear that its history is gone.
     redis.restart().await;
