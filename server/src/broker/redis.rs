@@ -224,9 +224,13 @@ impl RedisBroker {
         on_session: SessionHook,
     ) -> Result<Self, RedisError> {
         let client = Client::open(url)?;
+        // A request while Redis is away fails within about a second, so that a publish gets its
+        // 503 and a client its 1012 promptly; the manager keeps reconnecting behind them.
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         let keys = Keys::new(prefix);
         let local = Arc::new(Local::default());
