@@ -24,6 +24,18 @@ const MANY_USERS_WINDOW_MAX: u64 = 16 * 1024;
 /// Messages outstanding on the fan-out channel when publishing flat out: a quarter of the
 /// host's per-socket queue.
 const FANOUT_WINDOW_MESSAGES: u64 = 128;
+/// Per-socket queues of a smoke run. A smoke run checks delivery, not slow consumers: on a busy
+/// machine a starved reader can fall 512 messages behind, which the host turns into a
+/// disconnect and the ceiling into a loss. Queues this deep hold everything a smoke run sends.
+const SMOKE_QUEUE: usize = 1 << 20;
+
+fn send_queue(plan: &Plan) -> usize {
+    if plan.smoke {
+        SMOKE_QUEUE
+    } else {
+        crate::ceiling::QUEUE
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -327,6 +339,7 @@ async fn start(kind: Kind, plan: &Plan, paths: &Paths) -> Result<(Server, Target
                 .env("REALTIME_TOKEN_SECRET", &secret)
                 .env("REALTIME_DATA_DIR", paths.work.join("host-data"))
                 .env("REALTIME_MAX_CONNS_PER_USER", (plan.fanout + 1).to_string())
+                .env("REALTIME_SEND_QUEUE", send_queue(plan).to_string())
                 // Per-socket `info` lines would time the logger, not the broker.
                 .env("RUST_LOG", "warn");
             let server = Server::start(kind.label(), command, &log, loopback(port)).await?;
@@ -345,6 +358,9 @@ async fn start(kind: Kind, plan: &Plan, paths: &Paths) -> Result<(Server, Target
             let exe = std::env::current_exe().map_err(io_err("finding the loadgen binary"))?;
             let mut command = Command::new(exe);
             command.args(["serve-ceiling", "--addr", &loopback(port).to_string()]);
+            if plan.smoke {
+                command.args(["--queue", &SMOKE_QUEUE.to_string()]);
+            }
             let server = Server::start(kind.label(), command, &log, loopback(port)).await?;
             Ok((server, Target::unauthenticated(kind, loopback(port))))
         }

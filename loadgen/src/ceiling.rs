@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 pub const READ_BUFFER: usize = 4 * 1024;
 pub const WRITE_BUFFER: usize = 16 * 1024;
 /// The same per-socket queue and write batch as the host's defaults.
-const QUEUE: usize = 512;
+pub const QUEUE: usize = 512;
 const WRITE_BATCH: usize = 64;
 
 pub const WS_PATH: &str = "/ws";
@@ -35,10 +35,11 @@ pub const PUBLISH_PATH: &str = "/publish";
 
 type Outbox = mpsc::Sender<Utf8Bytes>;
 
-#[derive(Default)]
 struct Hub {
     channels: RwLock<HashMap<String, Vec<(u64, Outbox)>>>,
     next_socket: AtomicU64,
+    /// Messages queued for one socket before the next is lost.
+    queue: usize,
 }
 
 impl Hub {
@@ -74,17 +75,22 @@ struct Outgoing {
     data: Box<RawValue>,
 }
 
-/// Serves until the process is killed.
-pub async fn serve(addr: SocketAddr) -> std::io::Result<()> {
-    serve_on(tokio::net::TcpListener::bind(addr).await?).await
+/// Serves until the process is killed, queueing up to `queue` messages per socket.
+pub async fn serve(addr: SocketAddr, queue: usize) -> std::io::Result<()> {
+    serve_on(tokio::net::TcpListener::bind(addr).await?, queue).await
 }
 
-async fn serve_on(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+async fn serve_on(listener: tokio::net::TcpListener, queue: usize) -> std::io::Result<()> {
+    let hub = Hub {
+        channels: RwLock::default(),
+        next_socket: AtomicU64::default(),
+        queue,
+    };
     let app = Router::new()
         .route(WS_PATH, get(upgrade))
         .route(PUBLISH_PATH, post(publish))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(Arc::new(Hub::default()));
+        .with_state(Arc::new(hub));
     // TCP_NODELAY, like the host.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -106,7 +112,7 @@ async fn session(mut socket: WebSocket, hub: Arc<Hub>) {
         },
         _ => return,
     };
-    let (outbox, mut inbox) = mpsc::channel(QUEUE);
+    let (outbox, mut inbox) = mpsc::channel(hub.queue);
     let id = hub.join(&channel, outbox);
     if socket
         .send(Message::Text(r#"{"kind":"subscribed"}"#.into()))
@@ -175,7 +181,7 @@ mod tests {
     async fn published_messages_reach_only_their_channel_in_order() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_on(listener));
+        tokio::spawn(serve_on(listener, QUEUE));
         let target = Target {
             kind: Kind::Ceiling,
             ws: addr,

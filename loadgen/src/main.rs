@@ -32,7 +32,7 @@ usage:
       --host-only        leave the ceiling and NATS out
       --window N         deliveries outstanding in the many-users flat-out run
       --wrap-host CMD    run the host under CMD (split at spaces), e.g. a profiler
-  loadgen serve-ceiling --addr 127.0.0.1:PORT
+  loadgen serve-ceiling --addr 127.0.0.1:PORT [--queue N]
       the bare broadcast server the host is measured against";
 
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +81,9 @@ fn run(args: Vec<String>) -> Result<(), CliError> {
                     "the ceiling listens on loopback only".into(),
                 ));
             }
+            let queue = number_of(&args, "--queue")?.unwrap_or(ceiling::QUEUE);
             runtime
-                .block_on(ceiling::serve(addr))
+                .block_on(ceiling::serve(addr, queue))
                 .map_err(CliError::Ceiling)
         }
         Some("bench") => runtime.block_on(bench_command(&args)),
