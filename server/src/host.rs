@@ -23,7 +23,7 @@ use app::protocol::{close, WS_PATH};
 use app::token::TokenKeys;
 use app::{shell, App};
 
-use crate::broker::{Broker, MemoryBroker, RedisBroker, SessionEvent, SessionHook};
+use crate::broker::{Broker, LinkError, MemoryBroker, RedisBroker, SessionEvent, SessionHook};
 use crate::config::{Config, ConfigError};
 use crate::connections::Connections;
 use crate::publisher::{AiPublisher, SampleAnswers};
@@ -102,10 +102,7 @@ pub enum StartError {
     DataDir(#[from] std::io::Error),
     #[error("redis (REALTIME_REDIS_URL): {0}")]
     Redis(#[from] redis::RedisError),
-    #[error(
-        "another host on this redis signs tokens with a different secret; \
-         give every host the same REALTIME_TOKEN_SECRET"
-    )]
+    #[error("{}", LinkError::SecretMismatch)]
     SecretMismatch,
 }
 
@@ -124,12 +121,15 @@ impl Realtime {
         let (broker, sessions): (Arc<dyn Broker>, Sessions) = match &config.redis_url {
             Some(url) => {
                 let hook = session_hook(Arc::downgrade(&connections));
+                let prefix = &config.redis_prefix;
+                let fingerprint = tokens.fingerprint();
                 let redis =
-                    RedisBroker::connect(url, &config.redis_prefix, l, config.token_ttl, hook)
-                        .await?;
-                if !redis.claim_secret(tokens.fingerprint()).await? {
-                    return Err(StartError::SecretMismatch);
-                }
+                    RedisBroker::connect(url, prefix, l, config.token_ttl, fingerprint, hook)
+                        .await
+                        .map_err(|e| match e {
+                            LinkError::SecretMismatch => StartError::SecretMismatch,
+                            LinkError::Redis(e) => StartError::Redis(e),
+                        })?;
                 let sessions = RedisSessionStore::new(redis.connection(), &config.redis_prefix);
                 tracing::info!(prefix = %config.redis_prefix, "sharing the broker through redis");
                 (Arc::new(redis), Sessions::Redis(sessions))

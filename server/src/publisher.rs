@@ -11,7 +11,10 @@ use serde_json::json;
 use app::protocol::{MessageKind, TOPIC_AI};
 use app::token::random_hex;
 
-use crate::broker::{Broker, Draft};
+use crate::broker::{Broker, Draft, PublishError};
+
+/// Tries per message before an answer gives up: about 8 s of broker outage in all.
+const SEND_ATTEMPTS: u32 = 6;
 
 /// Where answers come from. A real model client would implement this and stream its tokens.
 pub trait AnswerSource: Send + Sync + 'static {
@@ -160,7 +163,9 @@ impl AnswerJob {
                 Some(Ok(text)) => {
                     let data = json!({ "seq": sent, "text": text });
                     failure = self.send(MessageKind::Chunk, data).await.err();
-                    sent += 1;
+                    if failure.is_none() {
+                        sent += 1;
+                    }
                 }
                 Some(Err(e)) => failure = Some(e),
                 None => break,
@@ -175,6 +180,8 @@ impl AnswerJob {
         tracing::info!(channel = %self.channel, run = %self.run_id, chunks = sent, "answer finished");
     }
 
+    /// Publishes one message, trying again after a short broker outage. A retry after a
+    /// timeout may store a message twice; the page keeps the first copy of each `seq`.
     async fn send(&self, kind: MessageKind, data: serde_json::Value) -> Result<(), String> {
         let draft = Draft {
             kind,
@@ -183,6 +190,18 @@ impl AnswerJob {
             run_id: Some(self.run_id.clone()),
             stream_id: Some(self.run_id.clone()),
         };
+        let mut delay = Duration::from_millis(250);
+        for _ in 1..SEND_ATTEMPTS {
+            match self.broker.publish(&self.channel, draft.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(PublishError::Unavailable(e)) => {
+                    tracing::warn!(channel = %self.channel, run = %self.run_id, error = %e, "publish failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
         self.broker
             .publish(&self.channel, draft)
             .await

@@ -224,6 +224,16 @@ async fn losing_redis_closes_subscribers_with_the_restart_code_and_they_resume_o
     assert!(!recovery.complete);
     assert_eq!(recovery.reason.as_deref(), Some("epoch_changed"));
     assert_ne!(position(&reply).epoch, last.epoch);
+
+    // The host claimed its secret again on the empty Redis: an impostor still cannot join.
+    let mut config = support::test_config();
+    config.redis_url = Some(redis.url());
+    config.token_secret = Some(b"a-different-secret-0123456789abcdefghij".to_vec());
+    let refused = server::host::Realtime::new(config).await.err();
+    assert!(matches!(
+        refused,
+        Some(server::host::StartError::SecretMismatch)
+    ));
 }
 
 #[tokio::test]
@@ -264,4 +274,54 @@ async fn a_channel_that_expires_while_a_client_listens_goes_on_under_a_new_epoch
     assert_eq!(fresh.offset, 1);
     let message = client.message().await;
     assert_eq!((message.offset, message.data["n"].as_u64()), (1, Some(4)));
+}
+
+#[tokio::test]
+async fn an_answer_rides_out_a_stalled_redis_and_arrives_whole() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let host = TestHost::with(move |c| {
+        c.redis_url = Some(url);
+        c.ai_answer_words = 40;
+        c.ai_chunk_delay = Duration::from_millis(20);
+    })
+    .await;
+    let mut client = host.connect().await;
+    client.subscribe(&host.token("alice", "s-a"), None).await;
+    host.rt
+        .start_answer("user:alice".into(), "why is the sky blue?".into())
+        .unwrap();
+
+    let mut seqs = std::collections::BTreeSet::new();
+    let mut stalled = false;
+    let end = loop {
+        let message = client.message().await;
+        match message.kind {
+            app::protocol::MessageKind::Chunk => {
+                seqs.insert(message.data["seq"].as_u64().unwrap());
+            }
+            app::protocol::MessageKind::DatastreamEnd => break message,
+            _ => {}
+        }
+        if seqs.len() == 5 && !stalled {
+            // Longer than a request may take: publishes time out and are tried again.
+            stalled = true;
+            redis.pause(true);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            redis.pause(false);
+        }
+    };
+    assert!(stalled);
+    assert_eq!(
+        end.data.get("error"),
+        None,
+        "the answer gave up: {}",
+        end.data
+    );
+    let expected = end.data["chunks"].as_u64().unwrap();
+    assert_eq!(seqs.len() as u64, expected, "pieces missing");
+    assert_eq!(
+        seqs.iter().copied().collect::<Vec<_>>(),
+        (0..expected).collect::<Vec<_>>()
+    );
 }

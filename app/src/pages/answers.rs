@@ -16,6 +16,8 @@ pub struct Answer {
     chunks: BTreeMap<u64, String>,
     /// From `datastream-end`; its arrival completes the answer.
     pub expected_chunks: Option<u64>,
+    /// Why the publisher stopped early, when the end says it did.
+    pub failure: Option<String>,
 }
 
 impl Answer {
@@ -33,11 +35,15 @@ impl Answer {
         self.expected_chunks.is_some()
     }
 
-    /// Finished, and every part arrived: the start and chunks `0..expected`, none missing.
+    /// Finished without failing, and every part arrived: the start and chunks `0..expected`,
+    /// none missing.
     pub fn is_complete(&self) -> bool {
         let Some(expected) = self.expected_chunks else {
             return false;
         };
+        if self.failure.is_some() {
+            return false;
+        }
         let contiguous = self
             .chunks
             .keys()
@@ -61,6 +67,8 @@ struct ChunkData {
 #[derive(Deserialize)]
 struct EndData {
     chunks: u64,
+    #[serde(default)]
+    error: Option<String>,
 }
 
 /// Groups `messages` into answers, in the order their first message arrived. Messages of
@@ -104,7 +112,10 @@ fn absorb(answer: &mut Answer, message: &Envelope) {
         }
         MessageKind::DatastreamEnd => {
             if let Ok(end) = serde_json::from_value::<EndData>(data) {
-                answer.expected_chunks.get_or_insert(end.chunks);
+                if answer.expected_chunks.is_none() {
+                    answer.expected_chunks = Some(end.chunks);
+                    answer.failure = end.error;
+                }
             }
         }
         MessageKind::Data => {}
@@ -229,5 +240,24 @@ mod tests {
         other.topic = "news".into();
         let malformed = message(MessageKind::Chunk, "r2", 2, json!({ "text": "no seq" }));
         assert!(group_answers(&[other, malformed]).is_empty());
+    }
+
+    #[test]
+    fn an_answer_whose_publisher_gave_up_is_never_complete() {
+        let run = "r-failed";
+        let messages = vec![
+            message(MessageKind::DatastreamStart, run, 1, json!({"prompt": "p"})),
+            message(MessageKind::Chunk, run, 2, json!({"seq": 0, "text": "a"})),
+            message(
+                MessageKind::DatastreamEnd,
+                run,
+                3,
+                json!({"chunks": 1, "error": "broker unavailable"}),
+            ),
+        ];
+        let answers = group_answers(&messages);
+        assert!(answers[0].is_finished());
+        assert!(!answers[0].is_complete());
+        assert_eq!(answers[0].failure.as_deref(), Some("broker unavailable"));
     }
 }

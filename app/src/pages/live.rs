@@ -169,7 +169,11 @@ fn AnswerItem(answer: Answer) -> impl IntoView {
     let complete = answer.is_complete();
     // Joined mid-stream (a page opened while the answer streamed): say so, never pass it off
     // as the whole answer.
-    let gap = (answer.is_finished() && !complete).then(|| {
+    let failed = answer
+        .failure
+        .clone()
+        .map(|why| format!("This answer stopped early: {why}."));
+    let gap = (answer.is_finished() && !complete && failed.is_none()).then(|| {
         let expected = answer.expected_chunks.unwrap_or(0);
         format!(
             "Part of this answer was missed: {} of {expected} pieces arrived.",
@@ -198,6 +202,7 @@ fn AnswerItem(answer: Answer) -> impl IntoView {
             <p class="answer-prompt" data-testid="answer-prompt">{prompt}</p>
             <p class="answer-text" data-testid="answer-text">{answer.text()}</p>
             {gap.map(|gap| view! { <p class="notice" data-testid="answer-gap">{gap}</p> })}
+            {failed.map(|why| view! { <p class="error" data-testid="answer-failed">{why}</p> })}
         </li>
     }
 }

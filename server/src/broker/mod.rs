@@ -21,7 +21,7 @@ use app::protocol::{close, Envelope, MessageKind, Position, Recovery};
 use app::token::random_hex;
 
 pub use memory::MemoryBroker;
-pub use redis::RedisBroker;
+pub use redis::{LinkError, RedisBroker};
 
 /// A serialized envelope, shared by every connection it goes to.
 pub type Frame = Utf8Bytes;

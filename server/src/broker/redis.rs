@@ -215,14 +215,16 @@ impl Keys {
 
 impl RedisBroker {
     /// Connects to the Redis at `url` and starts listening for live frames. Fails when Redis
-    /// cannot be reached, so a host never starts without its broker.
+    /// cannot be reached, so a host never starts without its broker, and when another host
+    /// there signs tokens with a secret other than the one `fingerprint` names.
     pub async fn connect(
         url: &str,
         prefix: &str,
         limits: &crate::config::Limits,
         ended_ttl: Duration,
+        fingerprint: &str,
         on_session: SessionHook,
-    ) -> Result<Self, RedisError> {
+    ) -> Result<Self, LinkError> {
         let client = Client::open(url)?;
         // A request while Redis is away fails within about a second, so that a publish gets its
         // 503 and a client its 1012 promptly; the manager keeps reconnecting behind them.
@@ -234,15 +236,15 @@ impl RedisBroker {
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         let keys = Keys::new(prefix);
         let local = Arc::new(Local::default());
-        let stream = listen(&client, &keys).await?;
-        local.linked.store(true, Ordering::Release);
-        let reader = tokio::spawn(read_live(
+        let link = Link {
             client,
-            keys.clone(),
-            local.clone(),
-            stream,
-            on_session,
-        ));
+            conn: conn.clone(),
+            keys: keys.clone(),
+            fingerprint: fingerprint.to_owned(),
+        };
+        let stream = link.open().await?;
+        local.linked.store(true, Ordering::Release);
+        let reader = tokio::spawn(read_live(link, local.clone(), stream, on_session));
         Ok(Self {
             conn,
             keys,
@@ -253,21 +255,6 @@ impl RedisBroker {
             ended_ttl,
             reader,
         })
-    }
-
-    /// Records `fingerprint` as the token secret's for every host on this Redis, or fails
-    /// when another host recorded a different one: its tokens would be refused here.
-    pub async fn claim_secret(&self, fingerprint: &str) -> Result<bool, RedisError> {
-        let key = format!("{}secret-fingerprint", self.keys.prefix);
-        let mut conn = self.conn.clone();
-        let _: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(fingerprint)
-            .arg("NX")
-            .query_async(&mut conn)
-            .await?;
-        let recorded: Option<String> = conn.get(&key).await?;
-        Ok(recorded.as_deref() == Some(fingerprint))
     }
 
     /// A handle on the broker's Redis connection, for the session store.
@@ -366,27 +353,63 @@ impl RedisBroker {
     }
 }
 
-/// Subscribes a fresh pub/sub connection to every live channel and to session events.
-async fn listen(client: &Client, keys: &Keys) -> Result<PubSubStream, RedisError> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.psubscribe(format!("{}*", keys.live_prefix)).await?;
-    pubsub.subscribe(&keys.sessions_channel).await?;
-    Ok(pubsub.into_on_message())
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{0}")]
+    Redis(#[from] RedisError),
+    #[error(
+        "another host on this redis signs tokens with a different secret; \
+         give every host the same REALTIME_TOKEN_SECRET"
+    )]
+    SecretMismatch,
+}
+
+/// What it takes to (re)open the pub/sub link.
+struct Link {
+    client: Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    fingerprint: String,
+}
+
+impl Link {
+    /// Claims the token secret's fingerprint (again: a Redis that restarted empty has
+    /// forgotten it), then subscribes a fresh pub/sub connection to every live channel and
+    /// to session events.
+    async fn open(&self) -> Result<PubSubStream, LinkError> {
+        let key = format!("{}secret-fingerprint", self.keys.prefix);
+        let mut conn = self.conn.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&self.fingerprint)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let recorded: Option<String> = conn.get(&key).await?;
+        if recorded.as_deref() != Some(self.fingerprint.as_str()) {
+            return Err(LinkError::SecretMismatch);
+        }
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(format!("{}*", self.keys.live_prefix))
+            .await?;
+        pubsub.subscribe(&self.keys.sessions_channel).await?;
+        Ok(pubsub.into_on_message())
+    }
 }
 
 // Limitation: every host receives every channel's frames and drops those it has no subscriber
 // for; per-channel SUBSCRIBE would let many hosts scale further. A link that hangs without
 // closing is not noticed until Redis closes it.
 async fn read_live(
-    client: Client,
-    keys: Keys,
+    link: Link,
     local: Arc<Local>,
     mut stream: PubSubStream,
     on_session: SessionHook,
 ) {
     loop {
         while let Some(msg) = stream.next().await {
-            local.dispatch(&keys, &msg, &on_session);
+            local.dispatch(&link.keys, &msg, &on_session);
         }
         let closed = local.unlink();
         tracing::warn!(
@@ -396,13 +419,14 @@ async fn read_live(
         let mut delay = Duration::from_millis(100);
         stream = loop {
             tokio::time::sleep(delay).await;
-            match listen(&client, &keys).await {
+            match link.open().await {
                 Ok(stream) => break stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "redis link still down");
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                Err(e @ LinkError::SecretMismatch) => {
+                    tracing::error!(error = %e, "redis link refused")
                 }
+                Err(e) => tracing::warn!(error = %e, "redis link still down"),
             }
+            delay = (delay * 2).min(Duration::from_secs(5));
         };
         local.linked.store(true, Ordering::Release);
         tracing::info!("redis link restored");

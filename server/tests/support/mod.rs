@@ -50,6 +50,17 @@ impl RedisServer {
         }
     }
 
+    /// Freezes (or thaws) the server without closing its connections, like a stalled Redis.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts it again, empty, on the same port.
     pub async fn restart(&mut self) {
         self.stop();
