@@ -36,6 +36,9 @@ pub enum ApiError {
     Limited(String),
     #[error("The server failed: {0}")]
     Server(String),
+    /// Something the server needs is away for now; trying again shortly should work.
+    #[error("Temporarily unavailable ({0}); trying again may work in a moment.")]
+    Unavailable(String),
     #[error("Could not reach the server: {0}")]
     Transport(String),
 }
@@ -160,6 +163,12 @@ pub mod ssr {
         }
     }
 
+    /// The session store failed (with a shared broker, Redis is away): 503, not 500.
+    fn store_error(e: impl std::fmt::Display) -> ApiError {
+        set_status(StatusCode::SERVICE_UNAVAILABLE);
+        ApiError::Unavailable(format!("sessions: {e}"))
+    }
+
     fn fail<T>(status: StatusCode, err: ApiError) -> Result<T, ApiError> {
         set_status(status);
         Err(err)
@@ -181,13 +190,10 @@ pub mod ssr {
         let user = session
             .get::<SessionUser>(USER_KEY)
             .await
-            .map_err(|e| ApiError::Server(format!("session store: {e}")))?;
+            .map_err(store_error)?;
         match user {
             Some(user) if context()?.host.is_session_ended(&user.binding) => {
-                session
-                    .flush()
-                    .await
-                    .map_err(|e| ApiError::Server(format!("session store: {e}")))?;
+                session.flush().await.map_err(store_error)?;
                 Ok(None)
             }
             other => Ok(other),
@@ -224,19 +230,13 @@ pub mod ssr {
             context()?.host.session_ended(&old.binding);
         }
         // A new id on every sign-in guards against session fixation.
-        session
-            .cycle_id()
-            .await
-            .map_err(|e| ApiError::Server(format!("session store: {e}")))?;
+        session.cycle_id().await.map_err(store_error)?;
         let user = SessionUser {
             id: random_hex(12),
             name,
             binding: random_hex(16),
         };
-        session
-            .insert(USER_KEY, &user)
-            .await
-            .map_err(|e| ApiError::Server(format!("session store: {e}")))?;
+        session.insert(USER_KEY, &user).await.map_err(store_error)?;
         tracing::info!(user = %user.id, "signed in");
         Ok(user.view())
     }
@@ -252,10 +252,7 @@ pub mod ssr {
             context()?.host.session_ended(&user.binding);
             tracing::info!(user = %user.id, "signed out");
         }
-        session
-            .flush()
-            .await
-            .map_err(|e| ApiError::Server(format!("session store: {e}")))
+        session.flush().await.map_err(store_error)
     }
 
     pub async fn subscription_token(topics: Vec<String>) -> Result<TokenGrant, ApiError> {

@@ -185,9 +185,17 @@ async fn losing_redis_closes_subscribers_with_the_restart_code_and_they_resume_o
     host.publish("alice", 1).await;
     let last = client.message().await.position();
 
+    let (_, cookie, _) = host.post_form_as("/api/sign_in", None, "name=Ada").await;
+    let cookie = cookie.expect("a session cookie");
+
     redis.stop();
     let (code, reason) = client.closed().await;
     assert_eq!(code, close::SERVICE_RESTART, "{reason}");
+    let (status, _, body) = host
+        .post_form_as("/api/current_user", Some(&cookie), "")
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("Unavailable"), "{body}");
     let refused = host
         .publish_to("alice", "ai", serde_json::json!({ "n": 2 }))
         .await;
