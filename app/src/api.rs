@@ -43,6 +43,16 @@ pub enum ApiError {
     Transport(String),
 }
 
+impl ApiError {
+    /// A request body over [`MAX_REQUEST_BYTES`].
+    pub fn too_large() -> Self {
+        ApiError::BadInput(format!(
+            "The request is larger than {} KiB, the most the server reads.",
+            MAX_REQUEST_BYTES / 1024
+        ))
+    }
+}
+
 impl FromServerFnError for ApiError {
     type Encoder = JsonEncoding;
 
@@ -50,6 +60,12 @@ impl FromServerFnError for ApiError {
         match value {
             // On the server these mean the request itself could not be read: the caller's
             // fault, so a 400 with the reason, not a 500.
+            // The body limit cut off a body sent without its length.
+            #[cfg(feature = "ssr")]
+            ServerFnErrorErr::Deserialization(why) if why.contains("length limit exceeded") => {
+                ssr::set_status(axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+                ApiError::too_large()
+            }
             #[cfg(feature = "ssr")]
             ServerFnErrorErr::Args(why)
             | ServerFnErrorErr::MissingArg(why)

@@ -18,7 +18,7 @@ use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
 
 use app::api::ssr::{RealtimeHost, ServerContext};
-use app::api::{ApiError, API_PREFIX, MAX_PROMPT_CHARS, MAX_REQUEST_BYTES};
+use app::api::{ApiError, API_PREFIX, MAX_REQUEST_BYTES};
 use app::protocol::{close, WS_PATH};
 use app::token::TokenKeys;
 use app::{shell, App};
@@ -251,12 +251,6 @@ pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router 
         realtime,
     };
     Router::new()
-        .route(WS_PATH, get(upgrade))
-        .route(
-            crate::publish_api::PUBLISH_PATH,
-            axum::routing::post(crate::publish_api::publish),
-        )
-        .route("/healthz", get(|| async { "ok" }))
         .leptos_routes_with_context(
             &state,
             routes,
@@ -264,7 +258,17 @@ pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router 
             move || shell(leptos_options.clone()),
         )
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        // Bodies sent without a length (chunked) stop being read at the same limit.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            MAX_REQUEST_BYTES as usize,
+        ))
         .layer(axum::middleware::from_fn(refuse_large_api_bodies))
+        .route(WS_PATH, get(upgrade))
+        .route(
+            crate::publish_api::PUBLISH_PATH,
+            axum::routing::post(crate::publish_api::publish),
+        )
+        .route("/healthz", get(|| async { "ok" }))
         .layer(sessions)
         .with_state(state)
 }
@@ -281,11 +285,7 @@ async fn refuse_large_api_bodies(req: Request, next: Next) -> Response {
     if !(too_large && req.uri().path().starts_with(API_PREFIX)) {
         return next.run(req).await;
     }
-    let why = ApiError::BadInput(format!(
-        "The request is larger than {} KiB; a question has at most {MAX_PROMPT_CHARS} characters.",
-        MAX_REQUEST_BYTES / 1024
-    ));
-    let body = serde_json::to_string(&why).unwrap_or_default();
+    let body = serde_json::to_string(&ApiError::too_large()).unwrap_or_default();
     let json = [(header::CONTENT_TYPE, "application/json")];
     (StatusCode::PAYLOAD_TOO_LARGE, json, body).into_response()
 }

@@ -177,4 +177,9 @@ async fn server_functions_refuse_malformed_and_oversize_forms_with_a_reason() {
     let (status, body) = host.post_form("/api/ask", &huge).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("larger than 64 KiB"), "{body}");
+
+    // Sent without a length, the body is cut off at the same limit, with the same answer.
+    let (status, body) = host.post_chunked_form("/api/ask", &huge).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("larger than 64 KiB"), "{body}");
 }
