@@ -237,6 +237,11 @@ pub mod ssr {
             let msg = format!("A display name has at most {MAX_NAME_CHARS} characters.");
             return fail(StatusCode::BAD_REQUEST, ApiError::BadInput(msg));
         }
+        // Bytes that are not UTF-8 reach here as U+FFFD: refuse the garbled name whole.
+        if name.contains(char::REPLACEMENT_CHARACTER) {
+            let msg = "A display name must be valid UTF-8 text.";
+            return fail(StatusCode::BAD_REQUEST, ApiError::BadInput(msg.into()));
+        }
         if name.chars().any(is_invisible_or_control) {
             let msg = "A display name cannot contain control or direction characters.";
             return fail(StatusCode::BAD_REQUEST, ApiError::BadInput(msg.into()));

@@ -129,11 +129,17 @@ impl TokenKeys {
         topics: &[String],
     ) -> Result<(String, Claims), TokenError> {
         self.check_topics(topics)?;
+        let mut granted: Vec<String> = Vec::with_capacity(topics.len());
+        for topic in topics {
+            if !granted.contains(topic) {
+                granted.push(topic.clone());
+            }
+        }
         let iat = unix_now();
         let claims = Claims {
             sub: user_id.to_owned(),
             channel: user_channel(user_id),
-            topics: topics.to_vec(),
+            topics: granted,
             sid: session_binding.to_owned(),
             iat,
             exp: iat + self.ttl.as_secs().max(1),
@@ -259,6 +265,14 @@ mod tests {
     fn b64(bytes: &[u8]) -> String {
         use base64::Engine;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    #[test]
+    fn a_topic_asked_for_twice_is_granted_once() {
+        let keys = keys();
+        let twice = vec![TOPIC_AI.to_owned(), TOPIC_AI.to_owned()];
+        let (_, claims) = keys.mint("u1", "bind1", &twice).unwrap();
+        assert_eq!(claims.topics, vec![TOPIC_AI.to_owned()]);
     }
 
     #[test]

@@ -517,7 +517,12 @@ impl Connection {
         let Err(Closing { code, reason }) = outcome else {
             return;
         };
-        tracing::info!(conn = self.conn, code, %reason, "closing connection");
+        if code == close::SLOW_CONSUMER {
+            // The one close that says the host could not keep up with a reader.
+            tracing::warn!(conn = self.conn, code, %reason, "closing connection");
+        } else {
+            tracing::info!(conn = self.conn, code, %reason, "closing connection");
+        }
         let notice = serde_json::to_string(&ServerReply::Closing {
             code,
             reason: reason.clone(),

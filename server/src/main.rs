@@ -1,6 +1,8 @@
 //! Starts the host with configuration from the environment: `LEPTOS_*` for the site,
 //! `REALTIME_*` for the broker (see README.md).
 
+use std::io::IsTerminal;
+
 use leptos::config::get_configuration;
 use tracing_subscriber::EnvFilter;
 
@@ -11,6 +13,8 @@ use server::host::{serve, Realtime};
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        // Colours only on a terminal, not in log files.
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     if let Err(e) = run().await {
         tracing::error!("{e}");

@@ -169,6 +169,10 @@ async fn server_functions_refuse_malformed_and_oversize_forms_with_a_reason() {
         "{body}"
     );
 
+    let (status, body) = host.post_form("/api/sign_in", "name=%FF%FE").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("valid UTF-8"), "{body}");
+
     let (status, body) = host.post_form("/api/subscription_token", "topics=ai").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("could not be read"), "{body}");
