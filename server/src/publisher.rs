@@ -118,6 +118,8 @@ impl AiPublisher {
     }
 
     /// Starts streaming an answer to `prompt` into `channel`; returns the run id.
+    // Limitation: the answers running are counted per host, so with several hosts a user can
+    // have that many streaming on each.
     pub fn start(&self, channel: String, prompt: String) -> Result<String, String> {
         {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
