@@ -12,8 +12,6 @@ use crate::protocol::TokenGrant;
 pub const MAX_NAME_CHARS: usize = 40;
 /// Longest prompt accepted by `ask`, in characters.
 pub const MAX_PROMPT_CHARS: usize = 2000;
-/// Where the server functions below are served: the `prefix` each of them names.
-pub const API_PREFIX: &str = "/api/";
 /// Largest request body a server function accepts: room for the longest prompt, percent-encoded.
 pub const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
@@ -60,7 +58,7 @@ impl FromServerFnError for ApiError {
         match value {
             // On the server these mean the request itself could not be read: the caller's
             // fault, so a 400 with the reason, not a 500.
-            // The body limit cut off a body sent without its length.
+            // The host's body limit stopped reading a body over MAX_REQUEST_BYTES.
             #[cfg(feature = "ssr")]
             ServerFnErrorErr::Deserialization(why) if why.contains("length limit exceeded") => {
                 ssr::set_status(axum::http::StatusCode::PAYLOAD_TOO_LARGE);

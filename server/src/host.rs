@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{FromRef, Request, State, WebSocketUpgrade};
+use axum::extract::{FromRef, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
@@ -18,7 +17,7 @@ use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
 
 use app::api::ssr::{RealtimeHost, ServerContext};
-use app::api::{ApiError, API_PREFIX, MAX_REQUEST_BYTES};
+use app::api::MAX_REQUEST_BYTES;
 use app::protocol::{close, WS_PATH};
 use app::token::TokenKeys;
 use app::{shell, App};
@@ -258,11 +257,11 @@ pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router 
             move || shell(leptos_options.clone()),
         )
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
-        // Bodies sent without a length (chunked) stop being read at the same limit.
+        // Server-function calls carry small forms: a larger body, with or without a declared
+        // length, stops being read here and is answered 413 (see `ApiError::too_large`).
         .layer(axum::extract::DefaultBodyLimit::max(
             MAX_REQUEST_BYTES as usize,
         ))
-        .layer(axum::middleware::from_fn(refuse_large_api_bodies))
         .route(WS_PATH, get(upgrade))
         .route(
             crate::publish_api::PUBLISH_PATH,
@@ -271,23 +270,6 @@ pub fn router(leptos_options: LeptosOptions, realtime: Arc<Realtime>) -> Router 
         .route("/healthz", get(|| async { "ok" }))
         .layer(sessions)
         .with_state(state)
-}
-
-/// Server-function calls carry small forms. A larger body is refused whole, before it is
-/// read, with an error the page shows as it is.
-async fn refuse_large_api_bodies(req: Request, next: Next) -> Response {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let too_large = declared.is_some_and(|n| n > MAX_REQUEST_BYTES);
-    if !(too_large && req.uri().path().starts_with(API_PREFIX)) {
-        return next.run(req).await;
-    }
-    let body = serde_json::to_string(&ApiError::too_large()).unwrap_or_default();
-    let json = [(header::CONTENT_TYPE, "application/json")];
-    (StatusCode::PAYLOAD_TOO_LARGE, json, body).into_response()
 }
 
 async fn upgrade(
